@@ -1,0 +1,80 @@
+"""The embedded default: the tiny LLaVA-style VLM on GRIP-Bench.
+
+Run it:
+
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=eval --workdir=/tmp/grip
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=pretrain_vlm --workdir=/tmp/vlm
+
+Override any field from the command line, e.g. `--config.pretrain.lr=3e-4`,
+`--config.eval.budgets='(0.5, 0.25)'`, `--config.vlm_checkpoint=None`.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the tiny GRIP-Bench config. `arg` is unused (kept for the get_config(arg) convention)."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seed of parameter init, data order and sampling.
+
+  # --- Model geometry (LLaVA-1.5 structure, tiny sizes). -------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.vit = ml_collections.ConfigDict()
+  c.model.vit.image_size = 96  # Input resolution in pixels (square).
+  c.model.vit.patch_size = 8  # Patch side in pixels: 96 / 8 = 12 x 12 = 144 visual tokens.
+  c.model.vit.width = 128  # Hidden size of the vision tower.
+  c.model.vit.depth = 4  # Number of encoder layers.
+  c.model.vit.num_heads = 4  # Attention heads.
+  c.model.vit.mlp_dim = 512  # MLP hidden size (quick-GELU).
+  c.model.vit.feature_layer = -2  # Hidden state fed to the projector (-2: penultimate, as LLaVA-1.5).
+  c.model.vit.layer_norm_eps = 1e-5  # LayerNorm epsilon.
+  c.model.projector_hidden = 128  # Hidden size of the two-layer GELU projector (LLaVA: LM width).
+  c.model.llm = ml_collections.ConfigDict()
+  c.model.llm.vocab_size = 0  # 0: taken from the shipped tokenizer at start-up.
+  c.model.llm.width = 128  # Hidden size of the decoder.
+  c.model.llm.depth = 4  # Number of decoder layers.
+  c.model.llm.num_heads = 4  # Query heads.
+  c.model.llm.num_kv_heads = 2  # Key/value heads (grouped-query attention).
+  c.model.llm.mlp_dim = 352  # SwiGLU hidden size.
+  c.model.llm.rope_theta = 10000.0  # RoPE base.
+  c.model.llm.rms_norm_eps = 1e-5  # RMSNorm epsilon.
+  c.model.llm.max_len = 256  # Longest sequence (visual + text + generated tokens).
+  c.model.llm.bos_id = 1  # Token id that opens every sequence (the tokenizer's <bos>).
+  c.model.position_mode = 'keep'  # 'keep': kept visual tokens keep their positions; 'renumber'.
+  c.model.dtype = 'float32'  # Activation dtype ('float32' or 'bfloat16').
+
+  # --- GRIP-Bench. ---------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds dir; None: WORKDIR/tfds.
+  c.data.seed = 0  # Generation seed: same seed, same benchmark.
+  c.data.num_train = 24000  # Training examples.
+  c.data.num_validation = 1000  # Validation examples.
+  c.data.num_test = 2000  # Test examples.
+  c.data.max_question_len = 16  # Question tokens (padded/truncated, a warning is logged on truncation).
+
+  # --- Shipped VLM. --------------------------------------------------------------------------------
+  # Orbax checkpoint of the VLM params; relative paths start at the repository root; None: random.
+  c.vlm_checkpoint = ml_collections.FieldReference('gripjax/assets/tiny_vlm', field_type=str)  # VLM.
+
+  # --- VLM pre-training recipe (--mode=pretrain_vlm). ----------------------------------------------
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.batch_size = 64  # Examples per step.
+  c.pretrain.vision_steps = 600  # Stage 1: vision tower alone on per-patch and image-level heads.
+  c.pretrain.vision_lr = 1e-3  # Stage 1 peak learning rate.
+  c.pretrain.lm_steps = 1500  # Stage 2: frozen vision tower; projector + LM on answers.
+  c.pretrain.lr = 1e-3  # Stage 2 peak learning rate.
+  c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
+  c.pretrain.weight_decay = 0.01  # AdamW weight decay.
+  c.pretrain.log_every = 50  # Steps between log lines.
+  c.pretrain.eval_examples = 512  # Validation examples for the image-dependence checks while training.
+
+  # --- Evaluation (--mode=eval). -------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 128  # Examples per evaluation batch.
+  c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # None: the whole test split.
+  c.eval.budgets = (1.0, 0.5, 0.25, 1 / 9, 1 / 18)  # Keep ratios rho in (0, 1].
+  c.eval.methods = ('full',)  # Pruning methods to compare.
+  c.eval.position_modes = ('keep',)  # Position modes to compare.
+
+  return c

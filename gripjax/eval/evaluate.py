@@ -1,0 +1,183 @@
+"""One harness: every method at every budget on the same GRIP-Bench examples (`--mode=eval`).
+
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=eval --workdir=/tmp/grip
+
+Writes `WORKDIR/eval/results.json` (one row per method x budget x position mode) and a Markdown
+report made from that JSON alone. Reference rows: `full` (every token), `blind` (no visual token:
+the question-only floor) and `shuffled` (every token of another example's image).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gripjax import config_lib
+from gripjax import runtime
+from gripjax.data import pipeline
+from gripjax.eval import efficiency
+from gripjax.eval import report as report_lib
+
+# Rows that do not prune: they bracket the pruners from above (full) and below (blind, shuffled).
+REFERENCE_METHODS = ('full', 'blind', 'shuffled')
+
+
+def known_methods() -> tuple[str, ...]:
+  from gripjax import pruning  # pylint: disable=g-import-not-at-top
+  return REFERENCE_METHODS + tuple(pruning.METHODS)
+
+
+def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
+  known = known_methods()
+  for m in methods:
+    if m not in known:
+      raise ValueError(f'config.eval.methods contains unknown method {m!r}: known methods are {known}')
+  return tuple(methods)
+
+
+def _prune_fn(method: str) -> Callable:
+  from gripjax import pruning  # pylint: disable=g-import-not-at-top
+  return pruning.get(method)
+
+
+def make_eval_step(vlm, method: str, k: int, position_mode: str):
+  """A jitted function (params, batch, rng) -> (correct (B,), region_recall (B,), index (B, k))."""
+  n = runtime.num_visual_tokens_of(vlm)
+  grid = (int(math.isqrt(n)),) * 2
+
+  def step(params, batch, rng):
+    pixels = batch['pixels']
+    if method == 'shuffled':
+      pixels = jnp.roll(pixels, 1, axis=0)
+    out = vlm.apply({'params': params}, pixels, method='vision_features')
+    visual = vlm.apply({'params': params}, out['features'], method='project')  # (B, N, D)
+    b = visual.shape[0]
+    if method in ('full', 'shuffled'):
+      index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+      tokens, valid = visual, jnp.ones((b, n), bool)
+    elif method == 'blind':
+      index = jnp.zeros((b, 1), jnp.int32)
+      tokens, valid = visual[:, :1], jnp.zeros((b, 1), bool)
+    else:
+      from gripjax.pruning import base  # pylint: disable=g-import-not-at-top
+      question = vlm.apply({'params': params}, batch['question_ids'], method='embed_text')
+      ctx = base.PruneContext(tokens=visual, features=out['features'], cls_attn=out['cls_attn'],
+                              question=question, question_mask=batch['question_valid'],
+                              rng=rng, grid=grid)
+      kept = _prune_fn(method)(ctx, k)
+      tokens, index = kept.tokens, kept.index
+      valid = jnp.ones(index.shape, bool)
+    logits = vlm.apply({'params': params}, tokens, index, valid, batch['question_ids'],
+                       batch['question_valid'], position_mode, method='forward')[:, -1]
+    correct = logits.argmax(-1) == batch['answer_id']  # (B,)
+    region = batch['region_mask']  # (B, N)
+    kept_region = jnp.take_along_axis(region, index, axis=1) & valid  # (B, k)
+    total = region.sum(-1)
+    recall = jnp.where(total > 0, kept_region.sum(-1) / jnp.maximum(total, 1), jnp.nan)
+    return correct, recall, index
+
+  return jax.jit(step)
+
+
+def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_modes,
+             num_examples=None, progress=True) -> list[dict[str, Any]]:
+  """Runs every (method, budget, position mode) on the same examples; returns result rows."""
+  n = runtime.num_visual_tokens_of(vlm)
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  from gripjax.pruning import base  # pylint: disable=g-import-not-at-top
+  batches = list(pipeline.eval_batches(source, tokenizer, config.eval.batch_size,
+                                       config.data.max_question_len, num_examples))
+  jobs = []
+  for mode in position_modes:
+    for method in methods:
+      if method in REFERENCE_METHODS:
+        if mode != position_modes[0] and method != 'full':
+          continue  # blind/shuffled do not depend on the position mode.
+        jobs.append((method, 1.0 if method != 'blind' else 0.0, mode))
+      else:
+        jobs.extend((method, float(rho), mode) for rho in budgets if rho < 1.0)
+  rows = []
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=len(jobs) * len(batches), desc='eval', disable=not progress, mininterval=2.0)
+  question_len = config.data.max_question_len
+  for method, rho, mode in jobs:
+    k = n if method in ('full', 'shuffled') else (0 if method == 'blind' else base.budget_to_k(rho, n))
+    step = make_eval_step(vlm, method, max(k, 1), mode)
+    correct, recall, tasks = [], [], []
+    t0 = time.time()
+    for i, batch in enumerate(batches):
+      valid = batch['valid']
+      arrays = {key: jnp.asarray(v) for key, v in batch.items() if key != 'valid'}
+      c, r, _ = step(params, arrays, jax.random.PRNGKey(config.seed * 1000 + i))
+      correct.append(np.asarray(c)[valid])
+      recall.append(np.asarray(r)[valid])
+      tasks.append(batch['task_id'][valid])
+      bar.update(1)
+    seconds = time.time() - t0
+    correct, recall, tasks = map(np.concatenate, (correct, recall, tasks))
+    per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(scenes.TASKS)
+                if np.any(tasks == t)}
+    rows.append({
+        'method': method, 'budget': rho, 'position_mode': mode, 'kept_tokens': k,
+        'accuracy': float(correct.mean()), 'n': int(correct.size), 'per_task': per_task,
+        'region_recall': float(np.nanmean(recall)) if np.any(np.isfinite(recall)) else None,
+        'prefill_flops': efficiency.prefill_flops(config, k, question_len),
+        'seconds': round(seconds, 3),
+    })
+    logging.info('eval %s', json.dumps(rows[-1]))
+  bar.close()
+  return rows
+
+
+def vlm_summary(config, workdir: str, params_path: str | None = None) -> dict[str, Any]:
+  """Test accuracy of a VLM with all tokens, shuffled images and no image, per task family."""
+  tok = runtime.tokenizer()
+  vlm = runtime.make_model(config, tok)
+  params = runtime.load_vlm_params(config, vlm, params_path)
+  source = runtime.split_source(config, workdir, 'test')
+  rows = evaluate(config, vlm, params, source, tok, REFERENCE_METHODS, (1.0,), ('keep',),
+                  config.eval.num_examples)
+  by = {r['method']: r for r in rows}
+  return {
+      'split': 'test', 'n': by['full']['n'],
+      'accuracy': by['full']['accuracy'], 'per_task': by['full']['per_task'],
+      'accuracy_shuffled_images': by['shuffled']['accuracy'],
+      'per_task_shuffled_images': by['shuffled']['per_task'],
+      'accuracy_no_image': by['blind']['accuracy'], 'per_task_no_image': by['blind']['per_task'],
+      'question_only_prior': runtime.question_only_prior(config, workdir),
+      'visual_tokens': runtime.num_visual_tokens(config),
+      'position_mode': config.model.position_mode,
+  }
+
+
+def run(config, workdir: str, demo: bool = False) -> list[dict[str, Any]]:
+  """`--mode=eval` (and the evaluation part of `--mode=demo`)."""
+  methods = check_methods(config.eval.methods)
+  for i, rho in enumerate(config.eval.budgets):
+    config_lib.validate_budget(rho, f'config.eval.budgets[{i}]')
+  tok = runtime.tokenizer()
+  vlm = runtime.make_model(config, tok)
+  params = runtime.load_vlm_params(config, vlm)
+  source = runtime.split_source(config, workdir, 'test')
+  rows = evaluate(config, vlm, params, source, tok, methods, config.eval.budgets,
+                  config.eval.position_modes, config.eval.num_examples)
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  results_path = os.path.join(out_dir, 'results.json')
+  tmp = results_path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(rows, f, indent=1)
+  os.replace(tmp, results_path)
+  report_path = report_lib.write_report(results_path, out_dir)
+  print(report_lib.table(rows))
+  print(f'\nresults: {results_path}\nreport:  {report_path}')
+  return rows

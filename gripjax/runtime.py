@@ -1,0 +1,117 @@
+"""Glue shared by the entry points: tokenizer, model, params and data sources from a config."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+from gripjax import config_lib
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer():
+  """The shipped word-level tokenizer."""
+  from gripjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  return tokenizer_lib.Tokenizer.load()
+
+
+def vocab_size(config, tok=None) -> int:
+  """`config.model.llm.vocab_size`, or the tokenizer's when it is 0."""
+  tok = tok or tokenizer()
+  configured = config.model.llm.vocab_size
+  if configured and configured < tok.vocab_size:
+    raise ValueError(f'config.model.llm.vocab_size={configured} is smaller than the tokenizer\'s '
+                     f'{tok.vocab_size} words: expected 0 (use the tokenizer\'s) or at least that.')
+  return configured or tok.vocab_size
+
+
+def make_model(config, tok=None):
+  """The VLM module for `config.model`."""
+  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
+  return vlm_lib.make_vlm(config.model, vocab_size(config, tok))
+
+
+def init_params(vlm, rng):
+  """Random VLM params (the inner 'params' collection)."""
+  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
+  return vlm_lib.init_params(vlm, rng)['params']
+
+
+def num_visual_tokens(config) -> int:
+  vit = config.model.vit
+  return (vit.image_size // vit.patch_size) ** 2
+
+
+def num_visual_tokens_of(vlm) -> int:
+  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
+  return vlm_lib.ModelConfig.from_config(vlm.config).num_visual_tokens
+
+
+def num_colors() -> int:
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  return len(scenes.COLORS)
+
+
+def max_objects() -> int:
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  return scenes.MAX_DIGITS
+
+
+def load_vlm_params(config, vlm, path: str | None = None):
+  """The VLM params from `path` (default: config.vlm_checkpoint), or random ones when that is None."""
+  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  path = config_lib.resolve_path(path or config.vlm_checkpoint)
+  abstract = jax.eval_shape(functools.partial(init_params, vlm), jax.random.PRNGKey(0))
+  if path is None:
+    logging.warning('config.vlm_checkpoint is None: using randomly initialised VLM weights')
+    return init_params(vlm, jax.random.PRNGKey(config.seed))
+  return checkpoint.load_params(path, abstract)
+
+
+def data_dir(config, workdir: str) -> str:
+  return config.data.data_dir or os.path.join(workdir, 'tfds')
+
+
+def split_source(config, workdir: str, split: str):
+  """Random-access GRIP-Bench source of `split`, prepared on first use."""
+  from gripjax.data.grip_bench import builder  # pylint: disable=g-import-not-at-top
+  return builder.load_split(split, config.data, config.model.vit.image_size,
+                            config.model.vit.patch_size, data_dir(config, workdir))
+
+
+def question_only_prior(config, workdir: str) -> dict[str, float]:
+  """Accuracy of always answering a task family's most frequent training answer, per family.
+
+  The floor a model that ignores the image can reach by learning answer frequencies.
+  """
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  train = split_source(config, workdir, 'train')
+  test = split_source(config, workdir, 'test')
+  counts = {}
+  for i in range(min(len(train), 5000)):
+    ex = train[i]
+    counts.setdefault(_text(ex['task']), {}).setdefault(_text(ex['answer']), 0)
+    counts[_text(ex['task'])][_text(ex['answer'])] += 1
+  best = {t: max(c, key=c.get) for t, c in counts.items()}
+  hits, totals = {}, {}
+  n = len(test) if config.eval.num_examples is None else min(len(test), config.eval.num_examples)
+  for i in range(n):
+    ex = test[i]
+    t = _text(ex['task'])
+    totals[t] = totals.get(t, 0) + 1
+    hits[t] = hits.get(t, 0) + int(best.get(t) == _text(ex['answer']))
+  out = {t: hits[t] / totals[t] for t in scenes.TASKS if t in totals}
+  out['overall'] = sum(hits.values()) / max(sum(totals.values()), 1)
+  return out
+
+
+def _text(x) -> str:
+  if isinstance(x, bytes):
+    return x.decode('utf-8')
+  if isinstance(x, np.ndarray):
+    return _text(x.item())
+  return str(x)

@@ -1,0 +1,233 @@
+"""Trains the tiny VLM from scratch on GRIP-Bench (`--mode=pretrain_vlm`).
+
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=pretrain_vlm --workdir=/tmp/vlm
+
+A tiny LLaVA-style model trained end to end from scratch learns to answer from the question alone:
+its projected visual tokens collapse to a near-constant vector. Real LLaVA avoids this with a
+pretrained CLIP that stays frozen while the projector learns, so the recipe does the same in two stages:
+
+1. Vision tower alone, on direct objectives: a linear head on every patch feature (the feature layer
+   the projector reads) predicts the digit and the colour under that patch, and a head on the pooled
+   CLS predicts which digits are present and how many objects there are.
+2. Vision tower frozen; projector and LM learn to answer (cross-entropy on the answer word and <eos>).
+
+Both stages log image-dependence figures on validation: accuracy with shuffled images, the spread of
+answer logits across images and the variance of projected tokens across images, so a collapse shows
+in the first minutes. Training state is checkpointed with Orbax and a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gripjax.train import checkpoint as ckpt_lib
+
+
+class VisionHeads(nn.Module):
+  """Auxiliary heads of stage 1: per-patch digit and colour, image-level presence and count."""
+  num_digit_classes: int  # Digits plus "no digit".
+  num_color_classes: int  # Colours plus "no colour".
+  max_count: int  # Count classes are 0..max_count.
+
+  @nn.compact
+  def __call__(self, features, pooled):
+    patch_digit = nn.Dense(self.num_digit_classes, name='patch_digit')(features)  # (B, N, 11)
+    patch_color = nn.Dense(self.num_color_classes, name='patch_color')(features)  # (B, N, C+1)
+    present = nn.Dense(self.num_digit_classes - 1, name='present')(pooled)  # (B, 10)
+    count = nn.Dense(self.max_count + 1, name='count')(pooled)  # (B, max_count+1)
+    return patch_digit, patch_color, present, count
+
+
+def _schedule(lr: float, steps: int, warmup: int):
+  warmup = min(warmup, max(steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, 2), lr * 0.05)
+
+
+def _vision_loss(vlm, heads, params, head_params, batch, num_colors):
+  out = vlm.apply({'params': params}, batch['pixels'], method='vision_features')
+  pd, pc, present, count = heads.apply({'params': head_params}, out['features'], out['pooled'])
+  digit = batch['patch_digit']  # (B, N) 0..9, 10 = none
+  color = jnp.where(batch['patch_color'] < 0, num_colors, batch['patch_color'])  # (B, N)
+  l_digit = optax.softmax_cross_entropy_with_integer_labels(pd, digit).mean()
+  l_color = optax.softmax_cross_entropy_with_integer_labels(pc, color).mean()
+  has = jax.nn.one_hot(digit, 11)[..., :10].max(axis=1)  # (B, 10) which digits appear
+  l_present = optax.sigmoid_binary_cross_entropy(present, has).mean()
+  n_obj = jnp.sum(digit < 10, axis=1)  # (B,)
+  l_count = optax.softmax_cross_entropy_with_integer_labels(count, n_obj).mean()
+  loss = l_digit + l_color + l_present + l_count
+  is_obj = digit < 10
+  metrics = {
+      'loss': loss,
+      'patch_digit_acc': jnp.sum((pd.argmax(-1) == digit) * is_obj) / jnp.maximum(is_obj.sum(), 1),
+      'patch_color_acc': jnp.sum((pc.argmax(-1) == color) * is_obj) / jnp.maximum(is_obj.sum(), 1),
+      'count_acc': jnp.mean(count.argmax(-1) == n_obj),
+  }
+  return loss, metrics
+
+
+def answer_logits(vlm, params, batch, position_mode='keep', pixels=None, visual_valid=None):
+  """Logits (B, V) at the answer position with all visual tokens (or the given validity)."""
+  pixels = batch['pixels'] if pixels is None else pixels
+  visual, _ = vlm.apply({'params': params}, pixels, method='encode_image')
+  b, n, _ = visual.shape
+  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  valid = jnp.ones((b, n), bool) if visual_valid is None else visual_valid
+  logits = vlm.apply({'params': params}, visual, index, valid, batch['question_ids'],
+                     batch['question_valid'], position_mode, method='forward')
+  return logits[:, -1]  # (B, V): the <sep> slot predicts the answer word
+
+
+def _lm_loss(vlm, params, batch, eos_id, position_mode):
+  visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
+  b, n, _ = visual.shape
+  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  valid = jnp.ones((b, n), bool)
+  text = jnp.concatenate([batch['question_ids'], batch['answer_id'][:, None]], axis=1)  # (B, T+1)
+  text_valid = jnp.concatenate([batch['question_valid'], jnp.ones((b, 1), bool)], axis=1)
+  logits = vlm.apply({'params': params}, visual, index, valid, text, text_valid, position_mode,
+                     method='forward')  # (B, 1+N+T+1, V)
+  l_answer = optax.softmax_cross_entropy_with_integer_labels(logits[:, -2], batch['answer_id'])
+  l_eos = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], jnp.full((b,), eos_id))
+  loss = jnp.mean(l_answer + 0.1 * l_eos)
+  metrics = {'loss': loss, 'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
+             'visual_norm': jnp.mean(jnp.linalg.norm(visual, axis=-1))}
+  return loss, metrics
+
+
+def image_dependence(vlm, params, batch, position_mode='keep') -> dict[str, jax.Array]:
+  """Figures that reveal a VLM ignoring its image, on one validation batch.
+
+  Returns accuracy with the right images, with images rolled across the batch (each question
+  paired with another example's image), and with no visual tokens; the mean over examples of the
+  std of answer logits across images for a fixed question; and the variance of projected tokens
+  across images relative to their mean squared norm.
+  """
+  logits = answer_logits(vlm, params, batch, position_mode)
+  shuffled = answer_logits(vlm, params, batch, position_mode,
+                           pixels=jnp.roll(batch['pixels'], 1, axis=0))
+  b = batch['pixels'].shape[0]
+  n = (vlm.config.vit.image_size // vlm.config.vit.patch_size) ** 2
+  blind = answer_logits(vlm, params, batch, position_mode, visual_valid=jnp.zeros((b, n), bool))
+  visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
+  text_emb = vlm.apply({'params': params}, batch['question_ids'], method='embed_text')
+  answer = batch['answer_id']
+  spread = jnp.std(jnp.stack([logits, shuffled]), axis=0).mean() * 2.0  # |a-b| for two images
+  var_across = jnp.var(visual, axis=0).mean()
+  mean_sq = jnp.mean(jnp.sum(visual ** 2, -1)) / visual.shape[-1]
+  return {
+      'acc': jnp.mean(logits.argmax(-1) == answer),
+      'acc_shuffled': jnp.mean(shuffled.argmax(-1) == answer),
+      'acc_blind': jnp.mean(blind.argmax(-1) == answer),
+      'logit_spread_across_images': spread,
+      'visual_var_across_images': var_across / jnp.maximum(mean_sq, 1e-12),
+      'visual_norm': jnp.mean(jnp.linalg.norm(visual, axis=-1)),
+      'text_norm': jnp.mean(jnp.linalg.norm(text_emb, axis=-1)),
+  }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs both stages, writes `workdir/vlm` (params) and `workdir/vlm_metrics.json`."""
+  from gripjax import runtime  # pylint: disable=g-import-not-at-top
+  from gripjax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  tok = runtime.tokenizer()
+  vlm = runtime.make_model(config, tok)
+  train_src = runtime.split_source(config, workdir, 'train')
+  val_src = runtime.split_source(config, workdir, 'validation')
+  num_colors = runtime.num_colors()
+  pc = config.pretrain
+  val_batch = next(pipeline.eval_batches(val_src, tok, min(pc.eval_examples, len(val_src)),
+                                         config.data.max_question_len))
+  val_batch = {k: jnp.asarray(v) for k, v in val_batch.items() if k != 'valid'}
+
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, head_rng = jax.random.split(rng)
+  params = runtime.init_params(vlm, init_rng)
+  heads = VisionHeads(11, num_colors + 1, runtime.max_objects())
+  n = runtime.num_visual_tokens(config)
+  dv = config.model.vit.width
+  head_params = heads.init(head_rng, jnp.zeros((1, n, dv)), jnp.zeros((1, dv)))['params']
+
+  total_steps = pc.vision_steps + pc.lm_steps
+  vision_tx = optax.adamw(_schedule(pc.vision_lr, pc.vision_steps, pc.warmup_steps),
+                          weight_decay=pc.weight_decay)
+  lm_tx = optax.adamw(_schedule(pc.lr, pc.lm_steps, pc.warmup_steps), weight_decay=pc.weight_decay)
+  vision_opt = vision_tx.init({'vit': params['vision'], 'heads': head_params})
+  lm_trainable = {k: v for k, v in params.items() if k != 'vision'}
+  lm_opt = lm_tx.init(lm_trainable)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'heads': head_params,
+           'vision_opt': vision_opt, 'lm_opt': lm_opt}
+
+  manager = ckpt_lib.make_manager(os.path.join(workdir, 'pretrain_checkpoints'), max_to_keep=2)
+  restored = ckpt_lib.restore_latest(manager, ckpt_lib.abstract_like(state))
+  if restored is not None:
+    state = restored[1]
+  start = int(state['step'])
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def vision_step(state, batch):
+    def loss_fn(trainable):
+      p = dict(state['params'], vision=trainable['vit'])
+      return _vision_loss(vlm, heads, p, trainable['heads'], batch, num_colors)
+    trainable = {'vit': state['params']['vision'], 'heads': state['heads']}
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt = vision_tx.update(grads, state['vision_opt'], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new = dict(state, step=state['step'] + 1, heads=trainable['heads'], vision_opt=opt,
+               params=dict(state['params'], vision=trainable['vit']))
+    return new, metrics
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def lm_step(state, batch):
+    frozen = jax.lax.stop_gradient(state['params']['vision'])
+    def loss_fn(trainable):
+      return _lm_loss(vlm, dict(trainable, vision=frozen), batch, tok.eos_id, config.model.position_mode)
+    trainable = {k: v for k, v in state['params'].items() if k != 'vision'}
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt = lm_tx.update(grads, state['lm_opt'], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new = dict(state, step=state['step'] + 1, lm_opt=opt, params=dict(trainable, vision=frozen))
+    return new, metrics
+
+  dependence = jax.jit(functools.partial(image_dependence, vlm,
+                                         position_mode=config.model.position_mode))
+  history = []
+  batches = pipeline.batch_iterator(train_src, tok, pc.batch_size, config.data.max_question_len,
+                                    shuffle=True, seed=config.seed, start_step=start)
+  t0 = time.time()
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc='pretrain_vlm',
+                   mininterval=5.0):
+    batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
+    stage = 'vision' if step < pc.vision_steps else 'lm'
+    state, metrics = (vision_step if stage == 'vision' else lm_step)(state, batch)
+    last = step + 1 == total_steps
+    if (step + 1) % pc.log_every == 0 or last or step + 1 == pc.vision_steps:
+      row = {'step': step + 1, 'stage': stage, 'seconds': round(time.time() - t0, 1)}
+      row.update({k: round(float(v), 4) for k, v in metrics.items()})
+      if stage == 'lm':
+        row.update({k: round(float(v), 4) for k, v in
+                    dependence(state['params'], val_batch).items()})
+      logging.info('pretrain %s', json.dumps(row))
+      history.append(row)
+      with open(os.path.join(workdir, 'pretrain_log.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    if (step + 1) % (pc.log_every * 4) == 0 or step + 1 == pc.vision_steps or last:
+      manager.save(step + 1, args=ckpt_lib.ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  out = os.path.join(workdir, 'vlm')
+  ckpt_lib.save_params(out, state['params'])
+  logging.info('wrote VLM params to %s (%.1f s of training this run)', out, time.time() - t0)
+  return {'params_path': out, 'history': history, 'seconds': time.time() - t0}
