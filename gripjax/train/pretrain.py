@@ -40,14 +40,19 @@ class VisionHeads(nn.Module):
   num_digit_classes: int  # Digits plus "no digit".
   num_color_classes: int  # Colours plus "no colour".
   max_count: int  # Count classes are 0..max_count.
+  grid: int  # Patches per side: each patch also predicts its row and column.
 
   @nn.compact
   def __call__(self, features, pooled):
     patch_digit = nn.Dense(self.num_digit_classes, name='patch_digit')(features)  # (B, N, 11)
     patch_color = nn.Dense(self.num_color_classes, name='patch_color')(features)  # (B, N, C+1)
+    # Where a patch is must stay readable from its feature: the LM answers "in the top left" and
+    # "left of" questions from the visual tokens alone.
+    patch_row = nn.Dense(self.grid, name='patch_row')(features)  # (B, N, grid)
+    patch_col = nn.Dense(self.grid, name='patch_col')(features)  # (B, N, grid)
     present = nn.Dense(self.num_digit_classes - 1, name='present')(pooled)  # (B, 10)
     count = nn.Dense(self.max_count + 1, name='count')(pooled)  # (B, max_count+1)
-    return patch_digit, patch_color, present, count
+    return patch_digit, patch_color, patch_row, patch_col, present, count
 
 
 def _schedule(lr: float, steps: int, warmup: int):
@@ -57,7 +62,13 @@ def _schedule(lr: float, steps: int, warmup: int):
 
 def _vision_loss(vlm, heads, params, head_params, batch, num_colors):
   out = vlm.apply({'params': params}, batch['pixels'], method='vision_features')
-  pd, pc, present, count = heads.apply({'params': head_params}, out['features'], out['pooled'])
+  pd, pc, prow, pcol, present, count = heads.apply({'params': head_params}, out['features'],
+                                                  out['pooled'])
+  n = pd.shape[1]
+  rows = jnp.broadcast_to(jnp.arange(n) // heads.grid, pd.shape[:2])  # (B, N)
+  cols = jnp.broadcast_to(jnp.arange(n) % heads.grid, pd.shape[:2])  # (B, N)
+  l_where = (optax.softmax_cross_entropy_with_integer_labels(prow, rows).mean()
+             + optax.softmax_cross_entropy_with_integer_labels(pcol, cols).mean())
   digit = batch['patch_digit']  # (B, N) 0..9, 10 = none
   color = jnp.where(batch['patch_color'] < 0, num_colors, batch['patch_color'])  # (B, N)
   l_digit = optax.softmax_cross_entropy_with_integer_labels(pd, digit).mean()
@@ -66,13 +77,14 @@ def _vision_loss(vlm, heads, params, head_params, batch, num_colors):
   l_present = optax.sigmoid_binary_cross_entropy(present, has).mean()
   n_obj = jnp.sum(digit < 10, axis=1)  # (B,)
   l_count = optax.softmax_cross_entropy_with_integer_labels(count, n_obj).mean()
-  loss = l_digit + l_color + l_present + l_count
+  loss = l_digit + l_color + l_present + l_count + 0.5 * l_where
   is_obj = digit < 10
   metrics = {
       'loss': loss,
       'patch_digit_acc': jnp.sum((pd.argmax(-1) == digit) * is_obj) / jnp.maximum(is_obj.sum(), 1),
       'patch_color_acc': jnp.sum((pc.argmax(-1) == color) * is_obj) / jnp.maximum(is_obj.sum(), 1),
       'count_acc': jnp.mean(count.argmax(-1) == n_obj),
+      'patch_where_acc': jnp.mean((prow.argmax(-1) == rows) & (pcol.argmax(-1) == cols)),
   }
   return loss, metrics
 
@@ -155,7 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, head_rng = jax.random.split(rng)
   params = runtime.init_params(vlm, init_rng)
-  heads = VisionHeads(11, num_colors + 1, runtime.max_objects())
+  heads = VisionHeads(11, num_colors + 1, runtime.max_objects(),
+                      config.model.vit.image_size // config.model.vit.patch_size)
   n = runtime.num_visual_tokens(config)
   dv = config.model.vit.width
   head_params = heads.init(head_rng, jnp.zeros((1, n, dv)), jnp.zeros((1, dv)))['params']
@@ -204,8 +217,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   dependence = jax.jit(functools.partial(image_dependence, vlm,
                                          position_mode=config.model.position_mode))
   history = []
-  batches = pipeline.batch_iterator(train_src, tok, pc.batch_size, config.data.max_question_len,
-                                    shuffle=True, seed=config.seed, start_step=start)
+  batches = pipeline.prefetch(pipeline.batch_iterator(
+      train_src, tok, pc.batch_size, config.data.max_question_len, shuffle=True, seed=config.seed,
+      start_step=start))
   t0 = time.time()
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   for step in tqdm(range(start, total_steps), initial=start, total=total_steps, desc='pretrain_vlm',

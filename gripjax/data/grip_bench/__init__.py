@@ -1,0 +1,1 @@
+"""GRIP-Bench: digit scenes over photo backgrounds with VQA questions (see scenes.py)."""

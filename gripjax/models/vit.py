@@ -1,0 +1,207 @@
+"""CLIP vision tower (the LLaVA-1.5 image encoder), as Flax Linen modules.
+
+Module names follow HF `CLIPVisionModel.vision_model` so weights import one-to-one:
+
+  HF (vision_tower.vision_model.)               here (params['vision'])
+  embeddings.patch_embedding.weight (O,I,kh,kw) embeddings/patch_embedding/kernel (kh,kw,I,O)
+  embeddings.class_embedding (D,)               embeddings/class_embedding
+  embeddings.position_embedding.weight          embeddings/position_embedding/embedding
+  pre_layrnorm.{weight,bias}                    pre_layrnorm/{scale,bias}
+  encoder.layers.{i}.self_attn.{q,k,v,out}_proj layers_{i}/self_attn/{q,k,v,out}_proj/{kernel (=W.T),bias}
+  encoder.layers.{i}.layer_norm{1,2}            layers_{i}/layer_norm{1,2}/{scale,bias}
+  encoder.layers.{i}.mlp.fc{1,2}                layers_{i}/mlp/fc{1,2}/{kernel (=W.T),bias}
+  post_layernorm.{weight,bias}                  post_layernorm/{scale,bias}
+
+Attention is written out (einsum + float32 softmax) rather than fused, because pruners read the
+CLS row of the attention weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# OpenAI CLIP preprocessing statistics (per RGB channel, for pixels in [0, 1]).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class VitConfig:
+  """Geometry of the vision tower (mirrors `config.model.vit`); frozen so modules stay hashable."""
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  feature_layer: int = -2
+  layer_norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f'vit.image_size={self.image_size} is not a multiple of '
+                       f'vit.patch_size={self.patch_size}.')
+    if self.width % self.num_heads:
+      raise ValueError(f'vit.num_heads={self.num_heads} does not divide vit.width={self.width}.')
+    _ = self.feature_index  # Fails at construction, not at the first forward.
+
+  @classmethod
+  def from_config(cls, c) -> 'VitConfig':
+    if isinstance(c, cls):
+      return c
+    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid ** 2
+
+  @property
+  def feature_index(self) -> int:
+    """`feature_layer` resolved into hidden_states[1..depth] (hidden_states[i] = after layer i).
+
+    hidden_states[0] (the embeddings) is refused: no attention layer produced it, so there is no
+    CLS attention to report.
+    """
+    f = self.feature_layer
+    i = f if f >= 0 else self.depth + 1 + f
+    if not 1 <= i <= self.depth:
+      raise ValueError(f'vit.feature_layer={f} is invalid: expected a non-zero index in '
+                       f'[-{self.depth}, {self.depth}] (HF hidden_states indexing, depth {self.depth}).')
+    return i
+
+
+def quick_gelu(x):
+  # CLIP's activation; differs from exact GELU enough that imported weights need it.
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def preprocess(pixels: jax.Array, image_size: int) -> jax.Array:
+  """Checks pixels and applies CLIP normalization in float32.
+
+  Args:
+    pixels: uint8 (B, H, W, 3) in [0, 255] or float32 (B, H, W, 3) in [0, 1].
+    image_size: the expected H = W.
+  Returns:
+    float32 (B, H, W, 3), normalized with the CLIP mean/std.
+  """
+  expected = f'(B, {image_size}, {image_size}, 3)'
+  if pixels.ndim != 4 or pixels.shape[1:] != (image_size, image_size, 3):
+    raise ValueError(f'pixels have shape {tuple(pixels.shape)}; expected {expected} (RGB, channels last).')
+  if pixels.dtype == jnp.uint8:
+    x = pixels.astype(jnp.float32) / 255.0
+  elif pixels.dtype == jnp.float32:
+    x = pixels
+  else:
+    raise ValueError(f'pixels have dtype {pixels.dtype}; expected uint8 in [0, 255] or float32 in [0, 1].')
+  mean = jnp.asarray(CLIP_MEAN, jnp.float32)
+  std = jnp.asarray(CLIP_STD, jnp.float32)
+  return (x - mean) / std
+
+
+def in_float32(norm: nn.Module, x: jax.Array, dtype) -> jax.Array:
+  # Norm statistics in bf16 are too coarse; compute in float32 and cast back to the activation dtype.
+  return norm(x.astype(jnp.float32)).astype(dtype)
+
+
+class ClipEmbeddings(nn.Module):
+  """Patch embedding + class token + learned positions: (B, H, W, 3) -> (B, 1 + N, D)."""
+  config: VitConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b = x.shape[0]
+    x = nn.Conv(c.width, kernel_size=(c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
+                padding='VALID', use_bias=False, dtype=self.dtype, name='patch_embedding')(x.astype(self.dtype))
+    # Row-major over the grid, as HF's flatten(2) of (B, D, g, g).
+    x = x.reshape(b, c.num_patches, c.width)  # (B, N, D)
+    cls = self.param('class_embedding', nn.initializers.normal(stddev=c.width ** -0.5), (c.width,))
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.width))  # (B, 1, D)
+    x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, D)
+    pos = nn.Embed(c.num_patches + 1, c.width, embedding_init=nn.initializers.normal(stddev=0.02),
+                   name='position_embedding')
+    return x + pos.embedding.astype(self.dtype)[None]
+
+
+class ClipAttention(nn.Module):
+  """Multi-head self-attention with biases; returns the output and the float32 weights."""
+  config: VitConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b, l, _ = x.shape
+    h, dh = c.num_heads, c.width // c.num_heads
+    dense = lambda name: nn.Dense(c.width, dtype=self.dtype, name=name)
+    q = dense('q_proj')(x).reshape(b, l, h, dh)  # (B, L, H, Dh)
+    k = dense('k_proj')(x).reshape(b, l, h, dh)  # (B, L, H, Dh)
+    v = dense('v_proj')(x).reshape(b, l, h, dh)  # (B, L, H, Dh)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * dh ** -0.5
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)  # (B, H, L, L)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
+    out = out.reshape(b, l, c.width)  # (B, L, D)
+    return dense('out_proj')(out), probs
+
+
+class ClipMlp(nn.Module):
+  config: VitConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.config.mlp_dim, dtype=self.dtype, name='fc1')(x)
+    return nn.Dense(self.config.width, dtype=self.dtype, name='fc2')(quick_gelu(x))
+
+
+class ClipEncoderLayer(nn.Module):
+  """Pre-norm transformer block; returns (x, attention weights (B, H, L, L))."""
+  config: VitConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    eps = self.config.layer_norm_eps
+    norm = lambda name, y: in_float32(nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name), y, self.dtype)
+    attn_out, probs = ClipAttention(self.config, self.dtype, name='self_attn')(norm('layer_norm1', x))
+    x = x + attn_out
+    x = x + ClipMlp(self.config, self.dtype, name='mlp')(norm('layer_norm2', x))
+    return x, probs
+
+
+class ClipVisionTower(nn.Module):
+  """CLIP ViT: pixels -> dict(features (B, N, Dv), cls_attn (B, N), pooled (B, Dv)).
+
+  `features` is hidden_states[feature_layer] without the CLS token (LLaVA's "patch" select);
+  `cls_attn` is the head-averaged softmax row of the CLS query over the patches in the layer that
+  produced those features (the CLS column dropped, not renormalized); `pooled` is post_layernorm of
+  the last layer's CLS token (HF's pooler_output), for image-level auxiliary heads.
+  """
+  config: VitConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels):
+    c = self.config
+    x = preprocess(pixels, c.image_size)
+    x = ClipEmbeddings(c, self.dtype, name='embeddings')(x)  # (B, 1 + N, D)
+    x = in_float32(nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.float32, name='pre_layrnorm'), x, self.dtype)
+    features = cls_attn = None
+    for i in range(c.depth):
+      x, probs = ClipEncoderLayer(c, self.dtype, name=f'layers_{i}')(x)
+      if i + 1 == c.feature_index:  # hidden_states[i + 1] is the output of layer i.
+        features = x[:, 1:]  # (B, N, D)
+        cls_attn = probs[:, :, 0, 1:].mean(axis=1)  # (B, N)
+    post_layernorm = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.float32, name='post_layernorm')
+    pooled = in_float32(post_layernorm, x[:, 0], self.dtype)  # (B, D)
+    return dict(features=features, cls_attn=cls_attn, pooled=pooled)

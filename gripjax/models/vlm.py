@@ -1,0 +1,305 @@
+"""LLaVA-1.5-style VLM: CLIP tower -> 2-layer GELU projector -> Llama decoder, with pruning hooks.
+
+Sequence layout seen by the decoder (L = 1 + k + T slots):
+
+  [<bos>] [visual slot 0 .. k-1] [text slot 0 .. T-1]
+
+Visual slots hold projected image tokens (any k <= N of them, in increasing source index; a
+`visual_valid` mask marks slots in use). Text is LEFT-padded (`text_valid` False at the start), so
+the last slot is the last real token and generation appends after it. Invalid slots are never read
+as keys; their own outputs are garbage and must be ignored. RoPE positions, N = full image tokens:
+
+  keep      bos 0; visual j -> 1 + index[j];          text t -> 1 + N + (cumsum(text_valid) - 1)[t]
+  renumber  bos 0; visual j -> cumsum(valid)[j];      text t -> 1 + sum(valid) + (cumsum(text_valid) - 1)[t]
+
+`keep` gives every kept token its position in the unpruned sequence; `renumber` equals physically
+dropping tokens from an HF LLaVA input. Either way masked slots compute the same as dropped ones.
+
+`assemble` is the one place where image embeddings enter the language model; `run_layers` and
+`logits` finish the forward, so an in-LM pruner (FastV) can run [0, K), gather along L and go on.
+
+Param tree (HF LLaVA name in brackets): vision [vision_tower.vision_model], projector
+[multi_modal_projector] with linear_1/linear_2, llm [language_model]; see vit.py and llm.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gripjax.models.llm import Llama, LlmConfig
+from gripjax.models.vit import ClipVisionTower, VitConfig
+
+POSITION_MODES = ('keep', 'renumber')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Frozen, hashable copy of `config.model` (so a VLM can be a static jit argument)."""
+  vit: VitConfig
+  llm: LlmConfig
+  projector_hidden: int
+  position_mode: str = 'keep'
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    check_position_mode(self.position_mode)
+    if self.dtype not in DTYPES:
+      raise ValueError(f'model.dtype={self.dtype!r}: expected one of {tuple(DTYPES)}.')
+
+  @classmethod
+  def from_config(cls, c, vocab_size: Optional[int] = None) -> 'ModelConfig':
+    """Builds from a ConfigDict / FrozenConfigDict / ModelConfig; `vocab_size` overrides llm's."""
+    if isinstance(c, cls):
+      return c if vocab_size is None else dataclasses.replace(c, llm=LlmConfig.from_config(c.llm, vocab_size))
+    return cls(vit=VitConfig.from_config(c['vit']), llm=LlmConfig.from_config(c['llm'], vocab_size),
+               projector_hidden=c['projector_hidden'], position_mode=c['position_mode'], dtype=c['dtype'])
+
+  @property
+  def num_visual_tokens(self) -> int:
+    return self.vit.num_patches
+
+  @property
+  def activation_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def check_position_mode(mode) -> str:
+  if mode not in POSITION_MODES:
+    raise ValueError(f'position_mode={mode!r}: expected one of {POSITION_MODES}.')
+  return mode
+
+
+def _check_shape(name, x, shape):
+  """`shape` entries of None match anything."""
+  if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+    want = '(' + ', '.join('?' if s is None else str(s) for s in shape) + ')'
+    raise ValueError(f'{name} has shape {tuple(x.shape)}; expected {want}.')
+
+
+class Projector(nn.Module):
+  """LLaVA-1.5 mlp2x_gelu: Linear(Dv -> hidden) -> exact GELU -> Linear(hidden -> D)."""
+  hidden: int
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.hidden, dtype=self.dtype, name='linear_1')(x)
+    return nn.Dense(self.out, dtype=self.dtype, name='linear_2')(nn.gelu(x, approximate=False))
+
+
+class VLM(nn.Module):
+  """The frozen LLaVA-style VLM. Call methods with `model.apply(variables, ..., method='name')`."""
+  config: Any  # ModelConfig (make_vlm builds one); a config.model ConfigDict is converted in setup.
+
+  def setup(self):
+    c = ModelConfig.from_config(self.config)
+    self.cfg = c
+    dtype = c.activation_dtype
+    self.vision = ClipVisionTower(c.vit, dtype)
+    self.projector = Projector(c.projector_hidden, c.llm.width, dtype)
+    self.llm = Llama(c.llm, dtype)
+
+  def __call__(self, pixels, text_ids):
+    """Unpruned forward (touches every parameter; used by init). -> logits (B, 1 + N + T, vocab)."""
+    visual, _ = self.encode_image(pixels)
+    b, n, _ = visual.shape
+    index = jnp.broadcast_to(jnp.arange(n), (b, n))  # (B, N)
+    valid = jnp.ones((b, n), bool)
+    return self.forward(visual, index, valid, text_ids, jnp.ones(text_ids.shape, bool))
+
+  # --- Image side. -------------------------------------------------------------------------------
+
+  def vision_features(self, pixels):
+    """pixels (B, H, W, 3) -> dict(features (B, N, Dv), cls_attn (B, N), pooled (B, Dv))."""
+    return self.vision(pixels)
+
+  def project(self, features):
+    """(B, N, Dv) vision features -> (B, N, D) visual tokens in the LM's embedding space."""
+    return self.projector(features)
+
+  def encode_image(self, pixels):
+    """pixels -> (V (B, N, D), cls_attn (B, N))."""
+    out = self.vision(pixels)
+    return self.project(out['features']), out['cls_attn']
+
+  # --- Text side. --------------------------------------------------------------------------------
+
+  def embed_text(self, ids):
+    """(B, T) token ids -> (B, T, D)."""
+    return self.llm.embed(ids)
+
+  # --- Decoder. ----------------------------------------------------------------------------------
+
+  def assemble(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
+               text_embeds=None):
+    """Builds the decoder input: where image tokens enter the language model.
+
+    Args:
+      visual: (B, k, D) kept visual tokens, k <= N, in increasing source order.
+      visual_index: (B, k) int source index of each slot in [0, N).
+      visual_valid: (B, k) bool, False for unused slots.
+      text_ids: (B, T) int, left-padded; ignored (may be None) when text_embeds is given.
+      text_valid: (B, T) bool, False on the left padding.
+      position_mode: 'keep' | 'renumber'; None takes config.model.position_mode.
+      text_embeds: optional (B, T, D) embeddings used instead of embedding text_ids.
+    Returns:
+      h (B, 1 + k + T, D), positions (B, 1 + k + T) int32, key_valid (B, 1 + k + T) bool.
+    """
+    c = self.cfg
+    mode = check_position_mode(c.position_mode if position_mode is None else position_mode)
+    n, d = c.num_visual_tokens, c.llm.width
+    _check_shape('visual', visual, (None, None, d))
+    b, k, _ = visual.shape
+    if k > n:
+      raise ValueError(f'visual has {k} slots; expected at most the image\'s {n} tokens.')
+    _check_shape('visual_index', visual_index, (b, k))
+    _check_shape('visual_valid', visual_valid, (b, k))
+    if text_embeds is None:
+      _check_shape('text_ids', text_ids, (b, None))
+      text = self.embed_text(text_ids)
+    else:
+      _check_shape('text_embeds', text_embeds, (b, None, d))
+      text = text_embeds.astype(c.activation_dtype)
+    t = text.shape[1]
+    _check_shape('text_valid', text_valid, (b, t))
+    visual_valid = visual_valid.astype(bool)
+    text_valid = text_valid.astype(bool)
+
+    bos = self.embed_text(jnp.full((b, 1), c.llm.bos_id, jnp.int32))  # (B, 1, D)
+    h = jnp.concatenate([bos, visual.astype(c.activation_dtype), text], axis=1)  # (B, 1 + k + T, D)
+
+    text_rank = jnp.cumsum(text_valid, axis=1, dtype=jnp.int32) - 1  # (B, T), -1 on left padding
+    if mode == 'keep':
+      visual_pos = 1 + visual_index.astype(jnp.int32)
+      text_pos = 1 + n + text_rank
+    else:
+      visual_pos = jnp.cumsum(visual_valid, axis=1, dtype=jnp.int32)
+      text_pos = 1 + visual_pos[:, -1:] + text_rank if k else 1 + text_rank
+    positions = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), visual_pos, text_pos], axis=1)  # (B, L)
+    key_valid = jnp.concatenate([jnp.ones((b, 1), bool), visual_valid, text_valid], axis=1)  # (B, L)
+    return h, positions, key_valid
+
+  def run_layers(self, h, positions, key_valid, start: int, stop: int, attn_layer: Optional[int] = None):
+    """Decoder layers [start, stop) -> (h, attention probs (B, H, L, L) of attn_layer or None)."""
+    return self.llm.run_layers(h, positions, key_valid, start, stop, attn_layer)
+
+  def logits(self, h):
+    """(B, L, D) -> (B, L, vocab) float32 (final norm + lm_head)."""
+    return self.llm.logits(h)
+
+  def forward(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
+              text_embeds=None):
+    """Pruned (or full) forward -> logits (B, 1 + k + T, vocab). Arguments as in `assemble`."""
+    h, positions, key_valid = self.assemble(visual, visual_index, visual_valid, text_ids, text_valid,
+                                            position_mode, text_embeds)
+    h, _ = self.run_layers(h, positions, key_valid, 0, self.cfg.llm.depth)
+    return self.logits(h)
+
+  # --- Generation with a KV cache. ---------------------------------------------------------------
+
+  def prefill(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
+              cache_len: int = 0, text_embeds=None):
+    """Runs the prompt and fills a KV cache with room for cache_len slots.
+
+    Returns:
+      last_logits (B, vocab) float32 at the last slot, and the cache pytree:
+        layers: per layer dict(k, v), each (B, cache_len, KVH, Dh) in the activation dtype;
+        key_valid (B, cache_len) bool; next_position (B,) int32; length () int32 (slots used).
+    Decoding past cache_len is not checked under jit (the write would clamp onto the last slot);
+    `generate` sizes the cache for you.
+    """
+    h, positions, key_valid = self.assemble(visual, visual_index, visual_valid, text_ids, text_valid,
+                                            position_mode, text_embeds)
+    b, l, _ = h.shape
+    max_len = self.cfg.llm.max_len
+    if not isinstance(cache_len, int) or not l <= cache_len <= max_len:
+      raise ValueError(f'cache_len={cache_len!r}: expected an int in [{l}, {max_len}] (the prompt has {l} '
+                       f'slots; llm.max_len={max_len}).')
+    h, _, kvs = self.llm.run_layers(h, positions, key_valid, 0, self.cfg.llm.depth, collect_kv=True)
+    last_logits = self.logits(h[:, -1:])[:, 0]  # (B, vocab): left padding puts the last token last
+    pad = ((0, 0), (0, cache_len - l), (0, 0), (0, 0))
+    layers = tuple(dict(k=jnp.pad(k, pad), v=jnp.pad(v, pad)) for k, v in kvs)
+    cache = dict(
+        layers=layers,
+        key_valid=jnp.pad(key_valid, ((0, 0), (0, cache_len - l))),  # (B, S)
+        next_position=jnp.max(jnp.where(key_valid, positions, -1), axis=1) + 1,  # (B,)
+        length=jnp.asarray(l, jnp.int32),
+    )
+    return last_logits, cache
+
+  def decode_step(self, cache, token):
+    """Appends one token (B,) int at slot cache['length'] -> (logits (B, vocab), updated cache)."""
+    _check_shape('token', token, (cache['key_valid'].shape[0],))
+    idx = cache['length']
+    key_valid = cache['key_valid'].at[:, idx].set(True)  # (B, S)
+    mask = key_valid[:, None, None, :]  # (B, 1, 1, S): later slots are still invalid, so causal.
+    positions = cache['next_position'][:, None]  # (B, 1)
+    h = self.embed_text(token[:, None].astype(jnp.int32))  # (B, 1, D)
+    h, kvs = self.llm.decode_layers(h, positions, mask, [(x['k'], x['v']) for x in cache['layers']], idx)
+    logits = self.logits(h)[:, 0]  # (B, vocab)
+    cache = dict(layers=tuple(dict(k=k, v=v) for k, v in kvs), key_valid=key_valid,
+                 next_position=cache['next_position'] + 1, length=idx + 1)
+    return logits, cache
+
+
+def generate(model: VLM, params, visual, visual_index, visual_valid, text_ids, text_valid, *,
+             position_mode: Optional[str] = None, max_new_tokens: int, eos_id: int,
+             cache_len: Optional[int] = None):
+  """Greedy decoding -> tokens (B, max_new_tokens) int32; after eos every slot holds eos_id.
+
+  jit-compatible with model, position_mode, max_new_tokens, eos_id and cache_len static, e.g.
+  `jax.jit(functools.partial(generate, model), static_argnames=('position_mode', 'max_new_tokens',
+  'eos_id'))`. cache_len defaults to the prompt length 1 + k + T plus max_new_tokens.
+  """
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens!r}: expected a positive int.')
+  prompt_len = 1 + visual.shape[1] + text_valid.shape[1]
+  need = prompt_len + max_new_tokens
+  cache_len = need if cache_len is None else cache_len
+  if cache_len < need:
+    raise ValueError(f'cache_len={cache_len} is too small: expected >= 1 + k + T + max_new_tokens = {need}.')
+  logits, cache = model.apply(params, visual, visual_index, visual_valid, text_ids, text_valid,
+                              position_mode, cache_len, method=VLM.prefill)
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (B,)
+
+  def step(carry, _):
+    cache, token, done = carry
+    logits, cache = model.apply(params, cache, token, method=VLM.decode_step)
+    done = done | (token == eos_id)
+    nxt = jnp.where(done, eos_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return (cache, nxt, done), nxt
+
+  (_, _, _), rest = jax.lax.scan(step, (cache, first, jnp.zeros_like(first, bool)), None,
+                                 length=max_new_tokens - 1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)  # (B, max_new_tokens)
+
+
+def make_vlm(model_config, vocab_size: Optional[int] = None) -> VLM:
+  """VLM from `config.model` (ConfigDict or ModelConfig); `vocab_size` overrides llm.vocab_size."""
+  return VLM(ModelConfig.from_config(model_config, vocab_size))
+
+
+def init_params(model: VLM, rng, batch_size: int = 1, text_len: int = 4):
+  """Random float32 variables `{'params': ...}` ready for `model.apply`.
+
+  Works under `jax.eval_shape(functools.partial(init_params, model), rng)` for shapes without
+  allocating (e.g. the 7B config).
+  """
+  c = ModelConfig.from_config(model.config)
+  s = c.vit.image_size
+  pixels = jnp.zeros((batch_size, s, s, 3), jnp.float32)
+  ids = jnp.zeros((batch_size, text_len), jnp.int32)
+  return model.init(rng, pixels, ids)
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a (possibly abstract) param tree."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+

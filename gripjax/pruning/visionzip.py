@@ -1,0 +1,82 @@
+"""VisionZip: dominant tokens by [CLS] attention plus merged contextual tokens.
+
+Paper: "VisionZip: Longer is Better but Not Necessary in Vision Language Models", Yang et al.,
+arXiv 2412.04467.
+
+Rule:
+  1. Dominant: the d tokens with the highest [CLS] attention, d = round(k * 54 / 64) (the paper's
+     54 dominant + 10 contextual out of 64), leaving c = k - d >= 1 contextual slots when k >= 2.
+  2. Contextual: the other N - d tokens, in patch order, are split into c targets taken at a uniform
+     stride (position i * max(1, (N - d) // c)) and the rest. Every non-target is assigned to its most
+     similar target (cosine of `features`), and each group (target + its assigned tokens) is replaced
+     by the group average.
+  3. Output sorted by patch index; a merged token carries its target's index.
+
+Deviations from the paper:
+  - Merging happens in `tokens` (projected, LM) space, not on the vision features before the
+    projector: the projector is nonlinear, so the mean of projected tokens is what the LM can take
+    without re-running the projector. Similarities still use `features` (the paper uses the keys of
+    the selection layer; features are the closest input we carry).
+  - The paper's counts (54/10) are for k=64; we keep the ratio for every k (`dominant_ratio`).
+  - Ties in [CLS] attention or similarity go to the lower index.
+At k = N every token is dominant or a singleton-group target, so all tokens are kept unchanged.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gripjax.pruning import base
+
+DOMINANT_RATIO = 54 / 64
+
+
+def split_budget(k: int, dominant_ratio: float = DOMINANT_RATIO) -> tuple[int, int]:
+  """(dominant, contextual) counts for budget k: round(k * ratio) dominant, >= 1 contextual if k >= 2."""
+  if not 0.0 < dominant_ratio <= 1.0:
+    raise ValueError(f'dominant_ratio={dominant_ratio!r} must be in (0, 1].')
+  d = min(max(round(k * dominant_ratio), 1), k)
+  if k >= 2 and d == k:
+    d = k - 1
+  return d, k - d
+
+
+def prune(ctx: base.PruneContext, k: int, *,
+          dominant_ratio: float = DOMINANT_RATIO) -> base.Kept:
+  """Keeps dominant tokens by [CLS] attention and merges the rest into contextual tokens."""
+  b, n = ctx.batch_size, ctx.num_tokens
+  base.check_k(k, n)
+  d, c = split_budget(k, dominant_ratio)
+  dominant = base.top_k_indices(ctx.cls_attn, d)  # (B, d)
+  if c == 0:
+    return base.gather_kept(ctx.tokens, dominant)
+
+  # Non-dominant tokens in patch order: a stable sort puts the unmarked ones first.
+  is_dominant = jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], dominant].set(1)  # (B, N)
+  rest = jnp.argsort(is_dominant, axis=-1, stable=True)[:, :n - d].astype(jnp.int32)  # (B, R)
+  r = n - d
+  step = max(1, r // c)
+  target_pos = np.arange(c) * step  # static, < R since R >= c
+  other_pos = np.setdiff1d(np.arange(r), target_pos)  # static, R - c positions
+  targets = rest[:, target_pos]  # (B, c)
+  others = rest[:, other_pos]  # (B, R - c)
+
+  def take(x, idx):  # x (B, N, F), idx (B, M) -> (B, M, F)
+    return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+  target_tokens = take(ctx.tokens, targets)  # (B, c, D)
+  if other_pos.size:
+    sim = base.cosine_similarity(take(ctx.features, others), take(ctx.features, targets))
+    assign = jax.nn.one_hot(jnp.argmax(sim, axis=-1), c, dtype=ctx.tokens.dtype)  # (B, R-c, c)
+    sums = target_tokens + jnp.einsum('bmc,bmd->bcd', assign, take(ctx.tokens, others),
+                                      precision=jax.lax.Precision.HIGHEST)  # (B, c, D)
+    counts = 1.0 + assign.sum(axis=1)  # (B, c)
+    contextual = sums / counts[..., None]  # (B, c, D)
+  else:
+    contextual = target_tokens
+
+  index = jnp.concatenate([dominant, targets], axis=1)  # (B, k), disjoint sets
+  tokens = jnp.concatenate([take(ctx.tokens, dominant), contextual], axis=1)  # (B, k, D)
+  order = jnp.argsort(index, axis=-1)  # (B, k)
+  return base.Kept(tokens=jnp.take_along_axis(tokens, order[..., None], axis=1),
+                   index=jnp.take_along_axis(index, order, axis=1))

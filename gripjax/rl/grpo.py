@@ -1,0 +1,165 @@
+"""GRPO for the token-selection agent: group advantages and the clipped loss.
+
+For each (image, question, rho) the trainer samples G ordered keep-sets with
+`policy.sample_orders`, scores each with a reward from `rewards.py`, turns the
+G rewards into advantages with `group_advantages`, and minimizes `grpo_loss`
+(Shao et al. 2024, DeepSeekMath, arXiv 2402.03300; clipping as in PPO).
+
+Sequence-level ratios. One action of this agent is the whole ordered
+selection, and the reward is only defined for the whole kept set, so every
+term below is per sampled keep-set: `logp` is one Plackett-Luce log-prob
+(`policy.log_prob`, a sum over the k steps), the ratio is
+exp(logp - old_logp), and the clip acts on that one ratio. Token-level
+GRPO in LLMs clips each generated token's ratio instead; here the per-step
+factors share one advantage and one scorer pass, and clipping the product
+bounds the change of the probability of the keep-set itself (as GSPO,
+Zheng et al. 2025, does, without its length normalization: k is the budget).
+
+| Piece | Reference | Here |
+| --- | --- | --- |
+| advantages | (r - mean) / std per group | population std (ddof=0), + eps; zero-spread groups and non-finite rewards give exactly 0 |
+| ratio | per generated token | per keep-set (one PL log-prob) |
+| KL to reference | k3 estimator, per token | k3 per keep-set, reference = warm-up policy |
+| normalization | mean over tokens / sequences | masked mean over (example, sample) pairs |
+
+The functions are pure and wrapped in `jax.jit` (eager calls compile once per
+shape; inside the jitted train step they inline); `eps`, `clip_eps` and
+`kl_coef` may be Python floats or traced scalars (e.g. from a schedule).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _masked_mean(x, mask):
+  """sum(mask * x) / max(sum(mask), 1), with x ignored (not multiplied) off-mask."""
+  mask = jnp.asarray(mask, jnp.float32)
+  total = jnp.sum(jnp.where(mask > 0, mask * x, 0.0))
+  return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@jax.jit
+def group_advantages(rewards, eps=1e-6):
+  """Group-normalized advantages.
+
+  For a group r_1..r_G (the last axis), over its finite members F:
+
+    mean = (1/|F|) sum_{g in F} r_g,
+    std  = sqrt((1/|F|) sum_{g in F} (r_g - mean)^2),
+    A_g  = (r_g - mean) / (std + eps)   for g in F,   A_g = 0 otherwise.
+
+  A group whose finite rewards are all equal (including one with fewer than
+  two finite members) carries no learning signal: its advantages are exactly
+  0 (no NaN, no 1e-11 noise) and it counts in `frac_reward_zero_std`.
+  Non-finite rewards (NaN, +-inf: a failed reward computation) are excluded
+  from the group and never propagate; callers may also drop them from the loss
+  mask with `jnp.isfinite(rewards)`.
+
+  Args:
+    rewards: (..., G) rewards; leading dims index groups.
+    eps: added to the std.
+
+  Returns:
+    adv: (..., G) float32.
+    metrics: `reward/mean` (over finite rewards), `reward/std` (mean over
+      groups of the within-group std), `frac_reward_zero_std`,
+      `reward/num_nonfinite`.
+  """
+  r = jnp.asarray(rewards, jnp.float32)
+  if r.ndim < 1:
+    raise ValueError(f'rewards must have a group axis, got shape {r.shape}.')
+  finite = jnp.isfinite(r)  # (..., G)
+  r0 = jnp.where(finite, r, 0.0)
+  count = jnp.sum(finite, axis=-1, keepdims=True)  # (..., 1)
+  denom = jnp.maximum(count, 1).astype(jnp.float32)
+  mean = jnp.sum(r0, axis=-1, keepdims=True) / denom  # (..., 1)
+  dev = jnp.where(finite, r0 - mean, 0.0)  # (..., G)
+  hi = jnp.max(jnp.where(finite, r, -jnp.inf), axis=-1, keepdims=True)
+  lo = jnp.min(jnp.where(finite, r, jnp.inf), axis=-1, keepdims=True)
+  zero_std = (count < 2) | (hi == lo)  # (..., 1)
+  var = jnp.sum(dev * dev, axis=-1, keepdims=True) / denom  # (..., 1)
+  # sqrt'(0) is inf: keep zero-spread groups off it so gradients stay finite.
+  std = jnp.where(zero_std, 0.0, jnp.sqrt(jnp.where(zero_std, 1.0, var)))
+  adv = jnp.where(finite & ~zero_std, dev / (std + eps), 0.0)  # (..., G)
+  metrics = {
+      'reward/mean': jnp.sum(r0) / jnp.maximum(jnp.sum(finite), 1),
+      'reward/std': jnp.mean(std),
+      'frac_reward_zero_std': jnp.mean(zero_std.astype(jnp.float32)),
+      'reward/num_nonfinite': jnp.sum(~finite).astype(jnp.int32),
+  }
+  return adv, metrics
+
+
+@jax.jit
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, kl_coef):
+  """Clipped GRPO objective with a k3 KL penalty to the reference policy.
+
+  Per sampled keep-set i (all inputs share one shape, e.g. (B, G)):
+
+    ratio_i         = exp(logp_i - old_logp_i)
+    clipped_ratio_i = clip(ratio_i, 1 - clip_eps, 1 + clip_eps)
+    obj_i           = min(ratio_i * A_i, clipped_ratio_i * A_i)
+    kl_i            = exp(ref_logp_i - logp_i) - (ref_logp_i - logp_i) - 1   (k3 >= 0)
+    loss            = - sum_i m_i (obj_i - kl_coef * kl_i) / max(sum_i m_i, 1)
+
+  `logp` carries the gradient; `old_logp` (the sampling policy) and
+  `ref_logp` (the frozen warm-up policy) are constants (stop_gradient is
+  applied here, so passing traced values is safe). k3 is an unbiased,
+  non-negative estimator of KL(pi || pi_ref) under samples from pi, zero iff
+  logp == ref_logp. Off-mask entries are excluded with `where`, so a -inf or
+  NaN there affects neither the loss nor its gradient.
+
+  Args:
+    logp, old_logp, ref_logp: (...,) Plackett-Luce log-probs of the keep-sets.
+    adv: (...,) advantages (from `group_advantages`).
+    mask: (...,) bool or float weights (0 drops an entry).
+    clip_eps: clip range epsilon.
+    kl_coef: weight of the KL penalty (0 disables it).
+
+  Returns:
+    loss: scalar.
+    metrics: `policy_loss` (-masked mean obj), `kl_ref` (masked mean kl),
+      `approx_kl` (k3 estimate of KL(old || new): mean((ratio - 1) - log ratio)),
+      `clip_ratio` (fraction of entries where the clipped branch is active in
+      the min, i.e. where the entry's gradient is cut: ratio > 1 + eps with
+      A > 0, or ratio < 1 - eps with A < 0).
+  """
+  on = jnp.asarray(mask, jnp.float32) > 0
+  old_logp = jax.lax.stop_gradient(old_logp)
+  ref_logp = jax.lax.stop_gradient(ref_logp)
+  adv = jax.lax.stop_gradient(jnp.asarray(adv, jnp.float32))
+
+  log_ratio = jnp.where(on, logp - old_logp, 0.0)
+  ratio = jnp.exp(log_ratio)
+  clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+  obj = jnp.minimum(ratio * adv, clipped_ratio * adv)
+
+  log_ref_ratio = jnp.where(on, ref_logp - logp, 0.0)
+  kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0
+
+  loss = -_masked_mean(obj - kl_coef * kl, mask)
+
+  ratio_sg = jax.lax.stop_gradient(ratio)
+  clipped = ((ratio_sg > 1.0 + clip_eps) & (adv > 0)) | (
+      (ratio_sg < 1.0 - clip_eps) & (adv < 0))
+  metrics = {
+      'policy_loss': -_masked_mean(jax.lax.stop_gradient(obj), mask),
+      'kl_ref': _masked_mean(jax.lax.stop_gradient(kl), mask),
+      'approx_kl': _masked_mean(
+          (ratio_sg - 1.0) - jax.lax.stop_gradient(log_ratio), mask),
+      'clip_ratio': _masked_mean(clipped.astype(jnp.float32), mask),
+  }
+  return loss, metrics
+
+
+@jax.jit
+def reinforce_loss(logp, adv, mask):
+  """Plain policy gradient (no ratio, no clip, no KL), a GRPO ablation.
+
+    loss = - sum_i m_i A_i logp_i / max(sum_i m_i, 1)
+
+  Its gradient equals `grpo_loss`'s at old_logp == logp, kl_coef == 0.
+  """
+  on = jnp.asarray(mask, jnp.float32) > 0
+  adv = jax.lax.stop_gradient(jnp.asarray(adv, jnp.float32))
+  return -_masked_mean(adv * jnp.where(on, logp, 0.0), mask)
