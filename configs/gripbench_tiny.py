@@ -13,8 +13,12 @@ import ml_collections
 
 
 def get_config(arg=None):
-  """Returns the tiny GRIP-Bench config. `arg` is unused (kept for the get_config(arg) convention)."""
-  del arg
+  """Returns the tiny GRIP-Bench config; `arg='smoke'` shrinks everything for fast smoke tests.
+
+  `--config=configs/gripbench_tiny.py:smoke` selects the smoke variant from the command line.
+  """
+  if arg not in (None, '', 'smoke'):
+    raise ValueError(f'configs/gripbench_tiny.py got arg={arg!r}: expected nothing or "smoke".')
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seed of parameter init, data order and sampling.
 
@@ -60,7 +64,7 @@ def get_config(arg=None):
   # --- VLM pre-training recipe (--mode=pretrain_vlm). ----------------------------------------------
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.batch_size = 32  # Examples per step.
-  c.pretrain.vision_steps = 400  # Stage 1: vision tower alone on per-patch and image-level heads.
+  c.pretrain.vision_steps = 800  # Stage 1: vision tower alone on per-patch and image-level heads.
   c.pretrain.vision_lr = 1e-3  # Stage 1 peak learning rate.
   c.pretrain.lm_steps = 1600  # Stage 2: frozen vision tower; projector + LM on answers.
   c.pretrain.lr = 1e-3  # Stage 2 peak learning rate.
@@ -77,4 +81,45 @@ def get_config(arg=None):
   c.eval.methods = ('full',)  # Pruning methods to compare.
   c.eval.position_modes = ('keep',)  # Position modes to compare.
 
+  # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
+  c.agent = ml_collections.ConfigDict()
+  c.agent.width = 64  # Hidden size d_s of the scorer.
+  c.agent.depth = 1  # Self-attention blocks among visual tokens.
+  c.agent.num_heads = 4  # Attention heads (must divide agent.width).
+
+  # --- Agent training (--mode=train_agent): supervised warm-up, then GRPO. -------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # Global examples per step (each gets its own rho); divisible by the data axis.
+  c.train.group_size = 8  # G: keep-sets sampled per example in GRPO (>= 2).
+  c.train.steps = 300  # Total steps (warm-up + GRPO).
+  c.train.warmup_steps = 100  # First steps fit the teacher ranking (ListMLE); the rest run GRPO.
+  c.train.lr = 1e-3  # AdamW learning rate (after a linear ramp of 10 steps).
+  c.train.weight_decay = 0.0  # AdamW weight decay.
+  c.train.grad_clip = 1.0  # Global gradient-norm clip.
+  c.train.rho_range = (1 / 18, 1 / 2)  # (min, max) keep ratio, sampled uniformly per example.
+  c.train.reward = 'logprob'  # GRPO reward: 'logprob', 'exact_match' or 'agreement' (label-free).
+  c.train.clip_eps = 0.2  # GRPO ratio clip epsilon.
+  c.train.kl_coef = 0.02  # Weight of the KL penalty to the warm-up policy.
+  c.train.teacher = 'attention'  # Warm-up teacher: 'attention' (answer-slot attention) or 'loo'.
+  c.train.warmup_top = 16  # ListMLE fits the teacher's top-m order, m = min(this, N).
+  c.train.warmup_kl_coef = 0.0  # Weight of KL(teacher softmax || scorer softmax) added to ListMLE.
+  c.train.loo_chunk = 16  # 'loo' teacher: leave-one-out forwards run this many tokens at a time.
+  c.train.log_every = 10  # Steps between metrics lines (WORKDIR/metrics.jsonl).
+  c.train.checkpoint_every = 50  # Steps between Orbax checkpoints (WORKDIR/checkpoints).
+  c.train.mesh = (('data', -1),)  # Device mesh: (axis, size) pairs; -1 takes the remaining devices.
+
+  if arg == 'smoke':
+    _shrink_for_smoke_tests(c)
   return c
+
+
+def _shrink_for_smoke_tests(c):
+  """Seconds-long runs of every mode: 6x6 patches, 2-layer towers, a few dozen examples."""
+  c.model.vit.update(image_size=48, width=32, depth=2, num_heads=2, mlp_dim=64)
+  c.model.projector_hidden = 32
+  c.model.llm.update(width=32, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=72)
+  c.data.update(num_train=48, num_validation=16, num_test=24)
+  c.vlm_checkpoint = None
+  c.pretrain.update(batch_size=8, vision_steps=2, lm_steps=2, warmup_steps=1, log_every=1,
+                    eval_examples=8)
+  c.eval.update(batch_size=8)

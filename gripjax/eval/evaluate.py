@@ -9,7 +9,6 @@ the question-only floor) and `shuffled` (every token of another example's image)
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -22,17 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from gripjax import config_lib
+from gripjax import pruning
 from gripjax import runtime
 from gripjax.data import pipeline
 from gripjax.eval import efficiency
 from gripjax.eval import report as report_lib
+from gripjax.pruning import base
+from gripjax.pruning import inlm
 
 # Rows that do not prune: they bracket the pruners from above (full) and below (blind, shuffled).
 REFERENCE_METHODS = ('full', 'blind', 'shuffled')
 
 
 def known_methods() -> tuple[str, ...]:
-  from gripjax import pruning  # pylint: disable=g-import-not-at-top
   return REFERENCE_METHODS + tuple(pruning.METHODS)
 
 
@@ -45,7 +46,6 @@ def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
 
 
 def _prune_fn(method: str) -> Callable:
-  from gripjax import pruning  # pylint: disable=g-import-not-at-top
   return pruning.get(method)
 
 
@@ -67,8 +67,13 @@ def make_eval_step(vlm, method: str, k: int, position_mode: str):
     elif method == 'blind':
       index = jnp.zeros((b, 1), jnp.int32)
       tokens, valid = visual[:, :1], jnp.zeros((b, 1), bool)
+    elif pruning.is_in_lm(method):
+      # Dropped inside the LM: the method runs the LM itself and returns the answer logits.
+      lm = inlm.LmHandle(params=params, model=vlm)
+      logits, index = inlm.run(method, lm, visual, batch['question_ids'], batch['question_valid'],
+                               k, position_mode)
+      return _score(logits, index, jnp.ones(index.shape, bool), batch)
     else:
-      from gripjax.pruning import base  # pylint: disable=g-import-not-at-top
       question = vlm.apply({'params': params}, batch['question_ids'], method='embed_text')
       ctx = base.PruneContext(tokens=visual, features=out['features'], cls_attn=out['cls_attn'],
                               question=question, question_mask=batch['question_valid'],
@@ -78,14 +83,19 @@ def make_eval_step(vlm, method: str, k: int, position_mode: str):
       valid = jnp.ones(index.shape, bool)
     logits = vlm.apply({'params': params}, tokens, index, valid, batch['question_ids'],
                        batch['question_valid'], position_mode, method='forward')[:, -1]
-    correct = logits.argmax(-1) == batch['answer_id']  # (B,)
-    region = batch['region_mask']  # (B, N)
-    kept_region = jnp.take_along_axis(region, index, axis=1) & valid  # (B, k)
-    total = region.sum(-1)
-    recall = jnp.where(total > 0, kept_region.sum(-1) / jnp.maximum(total, 1), jnp.nan)
-    return correct, recall, index
+    return _score(logits, index, valid, batch)
 
   return jax.jit(step)
+
+
+def _score(logits, index, valid, batch):
+  """-> (correct (B,), region_recall (B,) NaN where the answer has no region, index)."""
+  correct = logits.argmax(-1) == batch['answer_id']  # (B,)
+  region = batch['region_mask']  # (B, N)
+  kept_region = jnp.take_along_axis(region, index, axis=1) & valid  # (B, k)
+  total = region.sum(-1)
+  recall = jnp.where(total > 0, kept_region.sum(-1) / jnp.maximum(total, 1), jnp.nan)
+  return correct, recall, index
 
 
 def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_modes,
@@ -93,7 +103,6 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   """Runs every (method, budget, position mode) on the same examples; returns result rows."""
   n = runtime.num_visual_tokens_of(vlm)
   from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
-  from gripjax.pruning import base  # pylint: disable=g-import-not-at-top
   batches = list(pipeline.eval_batches(source, tokenizer, config.eval.batch_size,
                                        config.data.max_question_len, num_examples))
   jobs = []
@@ -109,6 +118,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=len(jobs) * len(batches), desc='eval', disable=not progress, mininterval=2.0)
   question_len = config.data.max_question_len
+  vlm_vocab = runtime.vocab_size(config, tokenizer)
   for method, rho, mode in jobs:
     k = n if method in ('full', 'shuffled') else (0 if method == 'blind' else base.budget_to_k(rho, n))
     step = make_eval_step(vlm, method, max(k, 1), mode)
@@ -130,7 +140,9 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         'method': method, 'budget': rho, 'position_mode': mode, 'kept_tokens': k,
         'accuracy': float(correct.mean()), 'n': int(correct.size), 'per_task': per_task,
         'region_recall': float(np.nanmean(recall)) if np.any(np.isfinite(recall)) else None,
-        'prefill_flops': efficiency.prefill_flops(config, k, question_len),
+        'prefill_flops': (inlm.inlm_prefill_flops(config, method, k, question_len, vlm_vocab)
+                          if pruning.is_in_lm(method) else
+                          efficiency.prefill_flops(config, k, question_len, vlm_vocab)),
         'seconds': round(seconds, 3),
     })
     logging.info('eval %s', json.dumps(rows[-1]))

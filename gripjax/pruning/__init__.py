@@ -22,7 +22,10 @@ from gripjax.pruning import cdpruner
 from gripjax.pruning import dart
 from gripjax.pruning import divprune
 from gripjax.pruning import fastervlm
+from gripjax.pruning import fastv
+from gripjax.pruning import pyramiddrop
 from gripjax.pruning import random_prune
+from gripjax.pruning import sparsevlm
 from gripjax.pruning import uniform
 from gripjax.pruning import vispruner
 from gripjax.pruning import visionzip
@@ -40,8 +43,19 @@ METHODS = {
     'vispruner': vispruner.prune,
     'cdpruner': cdpruner.prune,
     'dart': dart.prune,
-    # In-LM methods (need ctx.lm) go here: 'fastv', 'pyramiddrop', 'sparsevlm'.
+    # In-LM methods: their prune(ctx, k) raises; run them with gripjax.pruning.inlm.run.
+    'fastv': fastv.prune,
+    'pyramiddrop': pyramiddrop.prune,
+    'sparsevlm': sparsevlm.prune,
 }
+
+# Methods that drop visual tokens inside the LM (see inlm.py); the harness calls inlm.run for them.
+IN_LM_METHODS = ('fastv', 'pyramiddrop', 'sparsevlm')
+
+
+def is_in_lm(name: str) -> bool:
+  """True if `name` is an in-LM method (run through `gripjax.pruning.inlm.run`, not `prune`)."""
+  return name in IN_LM_METHODS
 
 
 def get(name: str):

@@ -71,14 +71,20 @@ def _vision_loss(vlm, heads, params, head_params, batch, num_colors):
              + optax.softmax_cross_entropy_with_integer_labels(pcol, cols).mean())
   digit = batch['patch_digit']  # (B, N) 0..9, 10 = none
   color = jnp.where(batch['patch_color'] < 0, num_colors, batch['patch_color'])  # (B, N)
-  l_digit = optax.softmax_cross_entropy_with_integer_labels(pd, digit).mean()
-  l_color = optax.softmax_cross_entropy_with_integer_labels(pc, color).mean()
+  # A scene has a handful of digits among N patches: balance object and empty patches so the
+  # digits are not drowned out by the background.
+  is_obj = digit < 10  # (B, N)
+  def balanced(ce):
+    obj = jnp.sum(ce * is_obj) / jnp.maximum(is_obj.sum(), 1)
+    empty = jnp.sum(ce * ~is_obj) / jnp.maximum((~is_obj).sum(), 1)
+    return obj + empty
+  l_digit = balanced(optax.softmax_cross_entropy_with_integer_labels(pd, digit))
+  l_color = balanced(optax.softmax_cross_entropy_with_integer_labels(pc, color))
   has = jax.nn.one_hot(digit, 11)[..., :10].max(axis=1)  # (B, 10) which digits appear
   l_present = optax.sigmoid_binary_cross_entropy(present, has).mean()
   n_obj = jnp.sum(digit < 10, axis=1)  # (B,)
   l_count = optax.softmax_cross_entropy_with_integer_labels(count, n_obj).mean()
   loss = l_digit + l_color + l_present + l_count + 0.5 * l_where
-  is_obj = digit < 10
   metrics = {
       'loss': loss,
       'patch_digit_acc': jnp.sum((pd.argmax(-1) == digit) * is_obj) / jnp.maximum(is_obj.sum(), 1),

@@ -1,0 +1,85 @@
+"""FastV: after layer K, keep the visual tokens the last text token attends to most.
+
+Paper: "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
+Vision-Language Models", Chen et al., arXiv 2403.06764 (ECCV 2024).
+
+Rule: run layers [0, K) on the full sequence; score each visual token by the attention it receives in
+layer K - 1, averaged over heads; keep the top k visual tokens (in their original order) and run
+layers [K, depth) on `[<bos>] + kept + text`, physically shorter. The answer is read at the last slot.
+
+Deviations:
+  - Score row. The paper describes the attention visual tokens receive; FastV's released code
+    averages over all query tokens. We use the row of the LAST text token (the one that produces the
+    answer), as asked in our issue; `visual_scores` is that rule.
+  - Budget. The paper drops a ratio R of the image tokens; we keep exactly k (static), so the LM's last
+    layers see exactly k visual tokens, comparable with pre-LM pruners at k.
+  - K. Default K = 2 (the paper's); clipped to depth - 1 so at least one layer runs after the drop
+    (tiny models). Needs depth >= 2.
+  - Positions. FastV's code keeps the position ids of the survivors: our 'keep' mode. 'renumber'
+    recomputes them contiguously after the drop (see inlm.py).
+Ties go to the lower patch index.
+"""
+
+import jax
+
+from gripjax.pruning import base
+from gripjax.pruning import inlm
+
+IN_LM = True
+DEFAULT_LAYER = 2
+
+
+def drop_layer(depth: int, layer: int = DEFAULT_LAYER) -> int:
+  """K actually used: `layer` clipped to depth - 1 (at least one layer must run after the drop)."""
+  inlm.check_int('depth', depth, 2)
+  inlm.check_int('fastv layer K', layer, 1)
+  return min(layer, depth - 1)
+
+
+def schedule(n: int, k: int, depth: int, layer: int = DEFAULT_LAYER) -> inlm.Drops:
+  """One drop from N to k at layer K: ((K, k),)."""
+  base.check_k(k, n)
+  return inlm.check_drops(((drop_layer(depth, layer), k),), n, k, depth)
+
+
+def visual_scores(attn: jax.Array, num_visual: int) -> jax.Array:
+  """FastV's score: attention the last text token pays each visual slot, mean over heads.
+
+  (B, H, L, L) -> (B, num_visual).
+  """
+  return inlm.last_token_visual_attention(attn, num_visual)
+
+
+def _select(h, attn, count, text_valid):
+  """Keeps the `count` visual slots with the highest `visual_scores` (an `inlm.Select`)."""
+  num_visual = h.shape[1] - 1 - text_valid.shape[1]
+  return inlm.top_k_sorted(visual_scores(attn, num_visual), count), None
+
+
+def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
+               layer: int = DEFAULT_LAYER, text_embeds=None) -> inlm.InLmResult:
+  """FastV with its per-layer length trace: -> InLmResult(logits (B, V), index (B, k), trace)."""
+  drops = schedule(visual.shape[1], k, lm.config.llm.depth, layer)
+  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, _select, text_embeds)
+
+
+def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
+                layer: int = DEFAULT_LAYER, text_embeds=None):
+  """FastV inside the LM -> (answer_logits (B, V), kept_index (B, k) int32 sorted).
+
+  Args:
+    lm: the VLM handle (model + params).
+    visual: (B, N, D) all projected visual tokens.
+    text_ids: (B, T) int, left-padded; text_valid: (B, T) bool.
+    k: static number of visual tokens kept after layer K (what the later layers see).
+    position_mode: 'keep' | 'renumber' | None (the model config's).
+    layer: K, the first layer that runs on the pruned sequence (clipped to depth - 1).
+    text_embeds: optional (B, T, D) instead of embedding text_ids.
+  """
+  out = run_staged(lm, visual, text_ids, text_valid, k, position_mode, layer=layer, text_embeds=text_embeds)
+  return out.logits, out.index
+
+
+def prune(ctx: base.PruneContext, k: int) -> base.Kept:
+  """Not a pre-LM pruner: raises a ValueError pointing to `gripjax.pruning.inlm.run`."""
+  inlm.not_a_pre_lm_pruner('fastv', ctx, k)
