@@ -67,7 +67,10 @@ def get_config(arg=None):
   c.pretrain.vision_steps = 800  # Stage 1: vision tower alone on per-patch and image-level heads.
   c.pretrain.vision_lr = 1e-3  # Stage 1 peak learning rate.
   c.pretrain.lm_steps = 1600  # Stage 2: frozen vision tower; projector + LM on answers.
-  c.pretrain.lr = 1e-3  # Stage 2 peak learning rate.
+  c.pretrain.lr = 5e-4  # Stage 2 peak learning rate.
+  c.pretrain.question_loss_weight = 0.5  # Next-token loss on question words (stands in for LM pre-training).
+  c.pretrain.token_curriculum = 0.4  # Share of stage 2 that hides part of the background patches.
+  c.pretrain.curriculum_min_keep = 0.05  # Share of background patches kept at the curriculum start.
   c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
   c.pretrain.weight_decay = 0.01  # AdamW weight decay.
   c.pretrain.log_every = 100  # Steps between log lines.
@@ -77,9 +80,12 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128  # Examples per evaluation batch.
   c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # None: the whole test split.
-  c.eval.budgets = (1.0, 0.5, 0.25, 1 / 9, 1 / 18)  # Keep ratios rho in (0, 1].
-  c.eval.methods = ('full',)  # Pruning methods to compare.
-  c.eval.position_modes = ('keep',)  # Position modes to compare.
+  c.eval.budgets = (0.5, 0.25, 1 / 9, 1 / 18)  # Keep ratios rho in (0, 1] of every pruner.
+  # Methods to compare: references (full, blind, shuffled) and the pruners of gripjax.pruning.
+  c.eval.methods = ('full', 'blind', 'shuffled', 'random', 'uniform', 'fastervlm', 'visionzip',
+                    'divprune', 'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop',
+                    'sparsevlm')  # Methods.
+  c.eval.position_modes = ('keep', 'renumber')  # Position modes to compare.
 
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
   c.agent = ml_collections.ConfigDict()
@@ -122,4 +128,5 @@ def _shrink_for_smoke_tests(c):
   c.vlm_checkpoint = None
   c.pretrain.update(batch_size=8, vision_steps=2, lm_steps=2, warmup_steps=1, log_every=1,
                     eval_examples=8)
-  c.eval.update(batch_size=8)
+  c.eval.update(batch_size=8, num_examples=24)
+  c.train.update(steps=4, warmup_steps=2, batch_size=4, group_size=2, log_every=1, checkpoint_every=2)

@@ -131,6 +131,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _positive_int(c, f'pretrain.{f}', allow_zero=True)
     for f in ('vision_lr', 'lr'):
       _positive_float(c, f'pretrain.{f}')
+    for f in ('token_curriculum', 'curriculum_min_keep'):
+      value = c.pretrain[f]
+      if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        _fail(f'pretrain.{f}', value, 'a fraction in [0, 1]')
+  if 'train' in c:
+    from gripjax.train import step  # pylint: disable=g-import-not-at-top
+    step.validate_config(c)
   if 'eval' in c:
     _positive_int(c, 'eval.batch_size')
     if c.eval.num_examples is not None:

@@ -2,6 +2,8 @@
 
   # The main job on the embedded default (shipped tiny VLM, built-in GRIP-Bench):
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=demo --workdir=/tmp/grip
+  # Train the GRIP agent (warm-up, then GRPO) on the shipped VLM:
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=train_agent --workdir=/tmp/agent
   # Train the tiny VLM from scratch (the recipe of the shipped checkpoint):
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=pretrain_vlm --workdir=/tmp/vlm
   # Evaluate a VLM (full tokens, shuffled images, no image; pruners at every budget):
@@ -25,7 +27,7 @@ from ml_collections import config_flags
 
 from gripjax import config_lib
 
-MODES = ('demo', 'pretrain_vlm', 'eval', 'validate_config')
+MODES = ('demo', 'pretrain_vlm', 'train_agent', 'eval', 'validate_config')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                           lock_config=True)
@@ -61,6 +63,9 @@ def main(argv):
     with open(os.path.join(workdir, 'vlm_metrics.json'), 'w') as f:
       json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
+  elif mode == 'train_agent':
+    from gripjax.train import trainer  # pylint: disable=g-import-not-at-top
+    trainer.run(config, workdir)
   elif mode in ('eval', 'demo'):
     from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir, demo=(mode == 'demo'))

@@ -46,9 +46,9 @@ def test_bad_value_fails_at_start_up_naming_the_field(override, message):
 
 
 def test_unknown_field_fails():
-  r = _validate('--config.train.lr=1')
+  r = _validate('--config.pretrain.lrr=1')
   assert r.returncode != 0
-  assert 'pretrain' in r.stderr  # ml_collections suggests the closest field.
+  assert 'lrr' in r.stderr and '"lr"' in r.stderr  # ml_collections suggests the closest field.
 
 
 def test_every_field_has_a_comment():

@@ -26,11 +26,14 @@ The inputs come from the frozen VLM and are wrapped in `stop_gradient`: the agen
 VLM. Cost is reported by `scorer_flops` (analytic) and `scorer_param_count` (abstract init): for the
 LLaVA-1.5-7B geometry it is a few thousandths of a percent of the LM prefill.
 
-| Piece | Paper | Here |
+| Piece | Here | Why |
 | --- | --- | --- |
-| backbone | lightweight transformer over visual tokens | LN + Dense to `agent.width`, `agent.depth` pre-LN blocks |
-| budget | budget-conditioned scoring | sinusoidal rho features -> MLP -> FiLM (input and read-out) |
-| query | question-conditioned | one masked cross-attention + masked-mean question in the condition |
+| backbone | LN + Dense to `agent.width`; `agent.depth` pre-LN blocks | cheap; self-attention sees redundancy |
+| budget | sinusoidal rho features -> MLP -> FiLM (input and read-out) | ranking itself depends on rho |
+| query | one masked cross-attention + masked-mean question in the condition | query-aware at init |
+
+Every row is our design choice, not checked against the paper's exact architecture; widths live in
+`config.agent`, and a change to this file should update the table.
 """
 
 from __future__ import annotations

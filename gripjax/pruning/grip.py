@@ -7,9 +7,10 @@ The agent scores every visual token from (V, question, rho) and keeps the greedy
 the mode of its Plackett-Luce policy, returned in increasing source order. It is a factory rather than
 an entry of `METHODS` because it needs trained params; the eval harness closes over them.
 
-| Piece | Paper | Here |
-| --- | --- | --- |
-| inference | top-k of the agent's scores at budget rho | same; rho defaults to k / N |
+| Piece | Here |
+| --- | --- |
+| inference | greedy top-k of the scorer's logits (the policy's mode) at budget rho |
+| rho | fixed at construction, or k / N of each call when None |
 """
 
 from __future__ import annotations

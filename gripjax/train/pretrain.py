@@ -10,6 +10,12 @@ pretrained CLIP that stays frozen while the projector learns, so the recipe does
    the projector reads) predicts the digit and the colour under that patch, and a head on the pooled
    CLS predicts which digits are present and how many objects there are.
 2. Vision tower frozen; projector and LM learn to answer (cross-entropy on the answer word and <eos>).
+   A token curriculum starts the LM on every digit patch plus a small random share of the background
+   patches and raises that share to all tokens over the first `pretrain.token_curriculum` of the
+   stage; the rest of the stage sees every token. Without it the answer's attention is spread over
+   N tokens of which a handful matter, and the LM settles on answering from the question alone
+   (measured: after 250 steps, accuracy 32% with images, 30% with shuffled images, 32% with none).
+   Caveat for pruning studies: the model has seen inputs with background patches removed.
 
 Both stages log image-dependence figures on validation: accuracy with shuffled images, the spread of
 answer logits across images and the variance of projected tokens across images, so a collapse shows
@@ -107,19 +113,34 @@ def answer_logits(vlm, params, batch, position_mode='keep', pixels=None, visual_
   return logits[:, -1]  # (B, V): the <sep> slot predicts the answer word
 
 
-def _lm_loss(vlm, params, batch, eos_id, position_mode):
+def curriculum_keep(rng, patch_digit, background_keep):
+  """Visual validity (B, N) of the token curriculum: every digit patch, and each background patch
+  with probability `background_keep` (1.0: every token)."""
+  background = jax.random.uniform(rng, patch_digit.shape) < background_keep
+  return (patch_digit < 10) | background
+
+
+def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, question_weight=0.0):
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   b, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  valid = jnp.ones((b, n), bool)
+  valid = jnp.ones((b, n), bool) if visual_valid is None else visual_valid
   text = jnp.concatenate([batch['question_ids'], batch['answer_id'][:, None]], axis=1)  # (B, T+1)
   text_valid = jnp.concatenate([batch['question_valid'], jnp.ones((b, 1), bool)], axis=1)
   logits = vlm.apply({'params': params}, visual, index, valid, text, text_valid, position_mode,
                      method='forward')  # (B, 1+N+T+1, V)
   l_answer = optax.softmax_cross_entropy_with_integer_labels(logits[:, -2], batch['answer_id'])
   l_eos = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], jnp.full((b,), eos_id))
-  loss = jnp.mean(l_answer + 0.1 * l_eos)
-  metrics = {'loss': loss, 'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
+  # Next-token loss on the question itself stands in for the language pre-training a real LLaVA
+  # LM has had: it teaches the text side to compose, and guessing the question's next word
+  # ("what color is the ...") already rewards looking at the image.
+  t = batch['question_ids'].shape[1]
+  q_logits = logits[:, -(t + 1):-2]  # (B, T-1, V): question slot i predicts question token i+1
+  q_mask = batch['question_valid'][:, :-1] & batch['question_valid'][:, 1:]  # (B, T-1)
+  l_question = optax.softmax_cross_entropy_with_integer_labels(q_logits, batch['question_ids'][:, 1:])
+  l_question = jnp.sum(l_question * q_mask) / jnp.maximum(q_mask.sum(), 1)
+  loss = jnp.mean(l_answer + 0.1 * l_eos) + question_weight * l_question
+  metrics = {'loss': loss, 'question_loss': l_question, 'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
              'visual_norm': jnp.mean(jnp.linalg.norm(visual, axis=-1))}
   return loss, metrics
 
@@ -208,13 +229,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                params=dict(state['params'], vision=trainable['vit']))
     return new, metrics
 
+  curriculum_steps = int(pc.token_curriculum * pc.lm_steps)
+
   @functools.partial(jax.jit, donate_argnums=0)
   def lm_step(state, batch):
     frozen = jax.lax.stop_gradient(state['params']['vision'])
+    # Token curriculum: early on, most background patches are hidden so the few digit tokens are
+    # not diluted among N in the answer's attention; the kept share of background rises linearly
+    # to every token, and the remaining steps see every token.
+    lm_step_index = state['step'] - pc.vision_steps
+    progress = jnp.clip(lm_step_index / max(curriculum_steps, 1), 0.0, 1.0)
+    keep = jnp.where(lm_step_index >= curriculum_steps, 1.0,
+                     pc.curriculum_min_keep + (1.0 - pc.curriculum_min_keep) * progress)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state['step'])
+    visual_valid = curriculum_keep(rng, batch['patch_digit'], keep)
     def loss_fn(trainable):
-      return _lm_loss(vlm, dict(trainable, vision=frozen), batch, tok.eos_id, config.model.position_mode)
+      return _lm_loss(vlm, dict(trainable, vision=frozen), batch, tok.eos_id,
+                      config.model.position_mode, visual_valid, pc.question_loss_weight)
     trainable = {k: v for k, v in state['params'].items() if k != 'vision'}
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    metrics['background_keep'] = keep
     updates, opt = lm_tx.update(grads, state['lm_opt'], trainable)
     trainable = optax.apply_updates(trainable, updates)
     new = dict(state, step=state['step'] + 1, lm_opt=opt, params=dict(trainable, vision=frozen))

@@ -28,7 +28,6 @@ part: they run as one (B * G)-row forward of the frozen VLM, sharded over the me
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -204,7 +203,34 @@ def answer_logits(vlm, vlm_params, visual, index, valid, text_ids, text_valid, p
   return vlm.apply(variables, h[:, -1:], method='logits')[:, 0].astype(jnp.float32)
 
 
-def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True) -> Callable:
+def grpo_objective(logits, ref_logits, orders, order_valid, reward, clip_eps, kl_coef):
+  """GRPO loss of sampled keep-sets given their rewards; gradients flow through `logits` only.
+
+    A = group_advantages(r),  mask = isfinite(r)
+    logp_bg = log PL(o_bg | s_b),  ref_logp_bg = log PL(o_bg | s_ref_b)
+    loss = grpo_loss(logp, stop_gradient(logp), ref_logp, A, mask, clip_eps, kl_coef)
+
+  Args:
+    logits, ref_logits: (B, N) current and reference scores.
+    orders: (B, G, k_max) sampled orders; order_valid: (B, 1 or G, k_max) step mask.
+    reward: (B, G) rewards; non-finite ones are masked out (and counted).
+
+  Returns:
+    loss and metrics (grpo_loss's, group_advantages', and `entropy`).
+  """
+  adv, reward_metrics = grpo.group_advantages(reward)  # (B, G)
+  mask = jnp.isfinite(reward)  # (B, G)
+  ref_logp = policy.log_prob(jax.lax.stop_gradient(ref_logits)[:, None, :], orders, None,
+                             order_valid)  # (B, G)
+  logp = policy.log_prob(logits[:, None, :], orders, None, order_valid)  # (B, G)
+  loss, metrics = grpo.grpo_loss(logp, jax.lax.stop_gradient(logp), ref_logp, adv, mask, clip_eps,
+                                 kl_coef)
+  ent = policy.entropy(jax.lax.stop_gradient(logits)[:, None, :], orders, None, order_valid)
+  return loss, dict(metrics, **reward_metrics, entropy=jnp.mean(ent))
+
+
+def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
+                    compiler_options: dict | None = None) -> Callable:
   """Builds `train_step(state, batch, vlm_params) -> (state, metrics)`.
 
   Args:
@@ -215,6 +241,8 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True) -> Cal
     mesh: optional mesh with a 'data' axis: batch rows and rollouts are split over it, state and
       VLM params replicated. None: no sharding annotations (one device).
     jit: False returns the plain Python function (for debugging).
+    compiler_options: passed to `jax.jit`, e.g. {'xla_backend_optimization_level': 0} for compiles
+      about 3x faster on CPU in tests.
 
   Returns:
     A jitted function donating `state`. `batch` needs pixels, question_ids, question_valid and
@@ -290,19 +318,13 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True) -> Cal
       else:
         target = jnp.broadcast_to(batch['answer_id'][:, None], (b, group))  # (B, G)
       reward = reward_fn(out, target)  # (B, G)
-      adv, reward_metrics = grpo.group_advantages(reward)  # (B, G)
-      mask = jnp.isfinite(reward)  # (B, G)
-      ref_logp = policy.log_prob(score(ref_params)[:, None, :], orders, None, order_valid)  # (B, G)
+      ref_logits = score(ref_params)  # (B, N)
 
       def loss_fn(p):
-        logp = policy.log_prob(score(p)[:, None, :], orders, None, order_valid)  # (B, G)
-        return grpo.grpo_loss(logp, jax.lax.stop_gradient(logp), ref_logp, adv, mask, clip_eps,
-                              kl_coef)
+        return grpo_objective(score(p), ref_logits, orders, order_valid, reward, clip_eps, kl_coef)
 
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      ent = jnp.mean(policy.entropy(logits[:, None, :], orders, None, order_valid))
-      metrics = dict(metrics, **reward_metrics, loss=loss, phase=1.0, entropy=ent,
-                     tokens_kept=jnp.mean(k.astype(jnp.float32)))
+      metrics = dict(metrics, loss=loss, phase=1.0, tokens_kept=jnp.mean(k.astype(jnp.float32)))
       return grads, _filled(metrics)
 
     grads, metrics = jax.lax.cond(state.step < warmup_steps, warmup_phase, grpo_phase, state.params)
@@ -316,10 +338,10 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True) -> Cal
   if not jit:
     return train_step
   if mesh is None:
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
   from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
   rep = sharding.replicated(mesh)
-  return jax.jit(train_step, donate_argnums=0,
+  return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options,
                  in_shardings=(rep, sharding.data_sharding(mesh), rep), out_shardings=(rep, rep))
 
 
