@@ -68,7 +68,9 @@ def get_config(arg=None):
   c.pretrain.vision_lr = 1e-3  # Stage 1 peak learning rate.
   c.pretrain.lm_steps = 1600  # Stage 2: frozen vision tower; projector + LM on answers.
   c.pretrain.lr = 5e-4  # Stage 2 peak learning rate.
-  c.pretrain.question_loss_weight = 0.5  # Next-token loss on question words (stands in for LM pre-training).
+  c.pretrain.question_loss_weight = 0.0  # Next-token loss on question words (stands in for LM pre-training).
+  c.pretrain.probe_slots = 2  # Early-answer probe: last question words (before '?') that predict the answer.
+  c.pretrain.probe_weight = 1.0  # Weight of the early-answer probe loss (0 disables it).
   c.pretrain.token_curriculum = 0.4  # Share of stage 2 that hides part of the background patches.
   c.pretrain.curriculum_min_keep = 0.05  # Share of background patches kept at the curriculum start.
   c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
@@ -92,6 +94,8 @@ def get_config(arg=None):
   c.agent.width = 64  # Hidden size d_s of the scorer.
   c.agent.depth = 1  # Self-attention blocks among visual tokens.
   c.agent.num_heads = 4  # Attention heads (must divide agent.width).
+  # Orbax checkpoint of the trained agent (method 'grip' in eval); relative to the repo root.
+  c.agent.checkpoint = ml_collections.FieldReference(None, field_type=str)  # None: no 'grip' rows.
 
   # --- Agent training (--mode=train_agent): supervised warm-up, then GRPO. -------------------------
   c.train = ml_collections.ConfigDict()

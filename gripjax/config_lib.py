@@ -99,7 +99,7 @@ def validate_model(c: ml_collections.ConfigDict):
 
 # Nullable string fields: the command line cannot pass a Python None to a str field, so the
 # strings 'None', 'none' and '' clear them (`--config.vlm_checkpoint=None`).
-NULLABLE_STR_FIELDS = ('vlm_checkpoint', 'data.data_dir')
+NULLABLE_STR_FIELDS = ('vlm_checkpoint', 'data.data_dir', 'agent.checkpoint')
 
 
 def _normalize_nullable(c: ml_collections.ConfigDict):

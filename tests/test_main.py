@@ -83,3 +83,21 @@ def test_unknown_method_fails_naming_known_ones(tmp_path):
   r = _main(tmp_path, 'eval', "--config.eval.methods=('full','fastvv')", check=False)
   assert r.returncode != 0
   assert "'fastvv'" in r.stderr and 'divprune' in r.stderr
+
+
+def test_train_agent_then_eval_grip(tmp_path, pretrained, data_dir):
+  work, _ = pretrained
+  vlm = f'--config.vlm_checkpoint={work / "vlm"}'
+  agent_dir = tmp_path / 'agent'
+  _main(agent_dir, 'train_agent', vlm, data_dir=data_dir)
+  metrics = [json.loads(line) for line in (agent_dir / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['phase'] for m in metrics] == [0, 0, 1, 1]  # warm-up, then GRPO, in one compiled step
+  for key in ('loss', 'reward/mean', 'reward/std', 'frac_reward_zero_std', 'approx_kl', 'clip_ratio',
+              'entropy', 'tokens_kept'):
+    assert key in metrics[-1]
+  ev = tmp_path / 'eval'
+  _main(ev, 'eval', vlm, f'--config.agent.checkpoint={agent_dir / "agent"}',
+        "--config.eval.methods=('full','grip')", '--config.eval.budgets=(0.25,)',
+        "--config.eval.position_modes=('keep',)", data_dir=data_dir)
+  rows = json.loads((ev / 'eval' / 'results.json').read_text())
+  assert [(r['method'], r['kept_tokens']) for r in rows] == [('full', 36), ('grip', 9)]

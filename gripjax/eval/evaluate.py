@@ -31,10 +31,12 @@ from gripjax.pruning import inlm
 
 # Rows that do not prune: they bracket the pruners from above (full) and below (blind, shuffled).
 REFERENCE_METHODS = ('full', 'blind', 'shuffled')
+# The trained agent; needs `config.agent.checkpoint`.
+AGENT_METHODS = ('grip',)
 
 
 def known_methods() -> tuple[str, ...]:
-  return REFERENCE_METHODS + tuple(pruning.METHODS)
+  return REFERENCE_METHODS + tuple(pruning.METHODS) + AGENT_METHODS
 
 
 def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
@@ -60,8 +62,11 @@ def make_encode(vlm):
   return jax.jit(encode)
 
 
-def make_eval_step(vlm, method: str, k: int, position_mode: str):
-  """A jitted (params, encoded, batch, rng) -> (correct (B,), region_recall (B,), index (B, k))."""
+def make_eval_step(vlm, method: str, k: int, position_mode: str, agent=None):
+  """A jitted (params, encoded, batch, rng) -> (correct (B,), region_recall (B,), index (B, k)).
+
+  `agent` is (scorer, scorer_params) for method 'grip'.
+  """
   n = runtime.num_visual_tokens_of(vlm)
   grid = (int(math.isqrt(n)),) * 2
 
@@ -86,7 +91,12 @@ def make_eval_step(vlm, method: str, k: int, position_mode: str):
       ctx = base.PruneContext(tokens=visual, features=enc['features'], cls_attn=enc['cls_attn'],
                               question=enc['question'], question_mask=batch['question_valid'],
                               rng=rng, grid=grid)
-      kept = pruning.get(method)(ctx, k)
+      if method == 'grip':
+        from gripjax.pruning import grip  # pylint: disable=g-import-not-at-top
+        prune = grip.make_grip_prune(*agent)
+      else:
+        prune = pruning.get(method)
+      kept = prune(ctx, k)
       tokens, index = kept.tokens, kept.index
       valid = jnp.ones(index.shape, bool)
     logits = vlm.apply({'params': params}, tokens, index, valid, *text, position_mode,
@@ -119,8 +129,23 @@ def _jobs(methods, budgets, position_modes):
   return jobs
 
 
+def load_agent(config, vlm):
+  """(scorer, params) from `config.agent.checkpoint`."""
+  from gripjax.models import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
+  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  path = config_lib.resolve_path(config.agent.checkpoint)
+  if path is None:
+    raise ValueError("config.eval.methods contains 'grip' but config.agent.checkpoint is None: expected "
+                     'the path of a trained agent (WORKDIR/agent from --mode=train_agent)')
+  scorer = scorer_lib.make_scorer(config)
+  n = runtime.num_visual_tokens_of(vlm)
+  abstract = jax.eval_shape(lambda r: scorer_lib.init_scorer(
+      scorer, r, n, config.model.llm.width, config.data.max_question_len), jax.random.PRNGKey(0))
+  return scorer, checkpoint.load_params(path, abstract)
+
+
 def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_modes,
-             num_examples=None, progress=True) -> list[dict[str, Any]]:
+             num_examples=None, progress=True, agent=None) -> list[dict[str, Any]]:
   """Runs every (method, budget, position mode) on the same examples; returns result rows."""
   from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -128,7 +153,9 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   jobs = _jobs(methods, budgets, position_modes)
   kept = {job: n if job[0] in ('full', 'shuffled') else
           (0 if job[0] == 'blind' else base.budget_to_k(job[1], n)) for job in jobs}
-  steps = {job: make_eval_step(vlm, job[0], max(kept[job], 1), job[2]) for job in jobs}
+  if 'grip' in methods and agent is None:
+    agent = load_agent(config, vlm)
+  steps = {job: make_eval_step(vlm, job[0], max(kept[job], 1), job[2], agent) for job in jobs}
   encode = make_encode(vlm)
   results = {job: {'correct': [], 'recall': [], 'seconds': 0.0} for job in jobs}
   tasks = []

@@ -192,7 +192,12 @@ class Llama(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=nn.initializers.normal(stddev=0.02),
+    # Unit-variance token embeddings (norm ~sqrt(width)). With HF's std 0.02 a from-scratch LM's
+    # text residuals (norm ~0.2) are swamped at the first layer by attention outputs that average
+    # the far larger projected visual tokens, so each text position forgets which word it is
+    # (measured: answers stayed at the question-only prior for 250 steps). Pretrained weights
+    # bring their own scale, so this only affects training from scratch.
+    self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=nn.initializers.normal(stddev=1.0),
                                  name='embed_tokens')
     self.layers = [LlamaDecoderLayer(c, self.dtype, name=f'layers_{i}') for i in range(c.depth)]
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, name='norm')

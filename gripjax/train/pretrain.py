@@ -16,6 +16,8 @@ pretrained CLIP that stays frozen while the projector learns, so the recipe does
    N tokens of which a handful matter, and the LM settles on answering from the question alone
    (measured: after 250 steps, accuracy 32% with images, 30% with shuffled images, 32% with none).
    Caveat for pruning studies: the model has seen inputs with background patches removed.
+   An auxiliary head (`EarlyAnswerProbe`, dropped after training) also predicts the answer from
+   the last question words, which turns the image look-up into a one-hop problem at those slots.
 
 Both stages log image-dependence figures on validation: accuracy with shuffled images, the spread of
 answer logits across images and the variance of projected tokens across images, so a collapse shows
@@ -59,6 +61,22 @@ class VisionHeads(nn.Module):
     present = nn.Dense(self.num_digit_classes - 1, name='present')(pooled)  # (B, 10)
     count = nn.Dense(self.max_count + 1, name='count')(pooled)  # (B, max_count+1)
     return patch_digit, patch_color, patch_row, patch_col, present, count
+
+
+class EarlyAnswerProbe(nn.Module):
+  """Auxiliary head of stage 2 (discarded afterwards): predicts the answer from the final hidden
+  states of the last question words, before <sep>.
+
+  Every GRIP-Bench question needs two hops at <sep> (find the key word, then look it up in the
+  image), and neither hop gets a gradient until the other works, so answers sit at the
+  question-only prior for hundreds of steps. At the key word's own slot ("... the seven ?") the
+  look-up is one hop, and this head rewards it directly; <sep> then only has to copy it.
+  """
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, h):
+    return nn.Dense(self.vocab_size, name='out')(nn.LayerNorm(name='norm')(h))  # (B, S, V)
 
 
 def _schedule(lr: float, steps: int, warmup: int):
@@ -120,15 +138,26 @@ def curriculum_keep(rng, patch_digit, background_keep):
   return (patch_digit < 10) | background
 
 
-def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, question_weight=0.0):
+def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, question_weight=0.0,
+             probe=None, probe_params=None, probe_slots=0, probe_weight=0.0):
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   b, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   valid = jnp.ones((b, n), bool) if visual_valid is None else visual_valid
   text = jnp.concatenate([batch['question_ids'], batch['answer_id'][:, None]], axis=1)  # (B, T+1)
   text_valid = jnp.concatenate([batch['question_valid'], jnp.ones((b, 1), bool)], axis=1)
-  logits = vlm.apply({'params': params}, visual, index, valid, text, text_valid, position_mode,
-                     method='forward')  # (B, 1+N+T+1, V)
+  variables = {'params': params}
+  h, positions, key_valid = vlm.apply(variables, visual, index, valid, text, text_valid,
+                                      position_mode, method='assemble')
+  h, _ = vlm.apply(variables, h, positions, key_valid, 0, _llm_depth(vlm), method='run_layers')
+  logits = vlm.apply(variables, h, method='logits')  # (B, 1+N+T+1, V)
+  l_probe = jnp.zeros(())
+  if probe is not None and probe_slots > 0:
+    # Slots of the last `probe_slots` question words: [..., word, ?, <sep>, answer] -> before '?'.
+    early = h[:, -(probe_slots + 3):-3]  # (B, S, D)
+    early_logits = probe.apply({'params': probe_params}, early)  # (B, S, V)
+    target = jnp.broadcast_to(batch['answer_id'][:, None], early_logits.shape[:2])
+    l_probe = optax.softmax_cross_entropy_with_integer_labels(early_logits, target).mean()
   l_answer = optax.softmax_cross_entropy_with_integer_labels(logits[:, -2], batch['answer_id'])
   l_eos = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], jnp.full((b,), eos_id))
   # Next-token loss on the question itself stands in for the language pre-training a real LLaVA
@@ -139,10 +168,15 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   q_mask = batch['question_valid'][:, :-1] & batch['question_valid'][:, 1:]  # (B, T-1)
   l_question = optax.softmax_cross_entropy_with_integer_labels(q_logits, batch['question_ids'][:, 1:])
   l_question = jnp.sum(l_question * q_mask) / jnp.maximum(q_mask.sum(), 1)
-  loss = jnp.mean(l_answer + 0.1 * l_eos) + question_weight * l_question
-  metrics = {'loss': loss, 'question_loss': l_question, 'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
+  loss = jnp.mean(l_answer + 0.1 * l_eos) + question_weight * l_question + probe_weight * l_probe
+  metrics = {'loss': loss, 'question_loss': l_question, 'probe_loss': l_probe, 'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
              'visual_norm': jnp.mean(jnp.linalg.norm(visual, axis=-1))}
   return loss, metrics
+
+
+def _llm_depth(vlm) -> int:
+  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
+  return vlm_lib.ModelConfig.from_config(vlm.config).llm.depth
 
 
 def image_dependence(vlm, params, batch, position_mode='keep') -> dict[str, jax.Array]:
@@ -205,10 +239,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           weight_decay=pc.weight_decay)
   lm_tx = optax.adamw(_schedule(pc.lr, pc.lm_steps, pc.warmup_steps), weight_decay=pc.weight_decay)
   vision_opt = vision_tx.init({'vit': params['vision'], 'heads': head_params})
-  lm_trainable = {k: v for k, v in params.items() if k != 'vision'}
+  probe = EarlyAnswerProbe(runtime.vocab_size(config, tok))
+  probe_params = probe.init(jax.random.fold_in(head_rng, 1),
+                            jnp.zeros((1, 1, config.model.llm.width)))['params']
+  lm_trainable = {'vlm': {k: v for k, v in params.items() if k != 'vision'}, 'probe': probe_params}
   lm_opt = lm_tx.init(lm_trainable)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'heads': head_params,
-           'vision_opt': vision_opt, 'lm_opt': lm_opt}
+           'probe': probe_params, 'vision_opt': vision_opt, 'lm_opt': lm_opt}
 
   manager = ckpt_lib.make_manager(os.path.join(workdir, 'pretrain_checkpoints'), max_to_keep=2)
   restored = ckpt_lib.restore_latest(manager, ckpt_lib.abstract_like(state))
@@ -244,14 +281,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state['step'])
     visual_valid = curriculum_keep(rng, batch['patch_digit'], keep)
     def loss_fn(trainable):
-      return _lm_loss(vlm, dict(trainable, vision=frozen), batch, tok.eos_id,
-                      config.model.position_mode, visual_valid, pc.question_loss_weight)
-    trainable = {k: v for k, v in state['params'].items() if k != 'vision'}
+      return _lm_loss(vlm, dict(trainable['vlm'], vision=frozen), batch, tok.eos_id,
+                      config.model.position_mode, visual_valid, pc.question_loss_weight,
+                      probe, trainable['probe'], pc.probe_slots, pc.probe_weight)
+    trainable = {'vlm': {k: v for k, v in state['params'].items() if k != 'vision'},
+                 'probe': state['probe']}
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     metrics['background_keep'] = keep
     updates, opt = lm_tx.update(grads, state['lm_opt'], trainable)
     trainable = optax.apply_updates(trainable, updates)
-    new = dict(state, step=state['step'] + 1, lm_opt=opt, params=dict(trainable, vision=frozen))
+    new = dict(state, step=state['step'] + 1, lm_opt=opt, probe=trainable['probe'],
+               params=dict(trainable['vlm'], vision=frozen))
     return new, metrics
 
   dependence = jax.jit(functools.partial(image_dependence, vlm,
