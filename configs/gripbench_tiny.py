@@ -68,6 +68,7 @@ def get_config(arg=None):
   c.pretrain.vision_lr = 1e-3  # Stage 1 peak learning rate.
   c.pretrain.lm_steps = 1600  # Stage 2: frozen vision tower; projector + LM on answers.
   c.pretrain.lr = 5e-4  # Stage 2 peak learning rate.
+  c.pretrain.lm_cycles = 2  # Stage 2 runs lm_steps this many times (warm-restarted cosine).
   c.pretrain.question_loss_weight = 0.0  # Next-token loss on question words (stands in for LM pre-training).
   c.pretrain.probe_slots = 2  # Early-answer probe: last question words (before '?') that predict the answer.
   c.pretrain.probe_weight = 1.0  # Weight of the early-answer probe loss (0 disables it).
@@ -75,7 +76,7 @@ def get_config(arg=None):
   c.pretrain.curriculum_min_keep = 0.05  # Share of background patches kept at the curriculum start.
   c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
   c.pretrain.weight_decay = 0.01  # AdamW weight decay.
-  c.pretrain.log_every = 100  # Steps between log lines.
+  c.pretrain.log_every = 50  # Steps between log lines (and image-dependence checks).
   c.pretrain.eval_examples = 256  # Validation examples for the image-dependence checks while training.
 
   # --- Evaluation (--mode=eval). -------------------------------------------------------------------
@@ -130,7 +131,7 @@ def _shrink_for_smoke_tests(c):
   c.model.llm.update(width=32, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=72)
   c.data.update(num_train=48, num_validation=16, num_test=24)
   c.vlm_checkpoint = None
-  c.pretrain.update(batch_size=8, vision_steps=2, lm_steps=2, warmup_steps=1, log_every=1,
-                    eval_examples=8)
+  c.pretrain.update(batch_size=8, vision_steps=2, lm_steps=2, lm_cycles=1, warmup_steps=1,
+                    log_every=1, eval_examples=8)
   c.eval.update(batch_size=8, num_examples=24)
   c.train.update(steps=4, warmup_steps=2, batch_size=4, group_size=2, log_every=1, checkpoint_every=2)

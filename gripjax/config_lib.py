@@ -125,7 +125,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _positive_int(c, f'data.{f}')
     _positive_int(c, 'data.seed', allow_zero=True)
   if 'pretrain' in c:
-    for f in ('batch_size', 'log_every', 'eval_examples'):
+    for f in ('batch_size', 'log_every', 'eval_examples', 'lm_cycles'):
       _positive_int(c, f'pretrain.{f}')
     for f in ('vision_steps', 'lm_steps', 'warmup_steps'):
       _positive_int(c, f'pretrain.{f}', allow_zero=True)

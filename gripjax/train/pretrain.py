@@ -234,10 +234,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   dv = config.model.vit.width
   head_params = heads.init(head_rng, jnp.zeros((1, n, dv)), jnp.zeros((1, dv)))['params']
 
-  total_steps = pc.vision_steps + pc.lm_steps
+  total_steps = pc.vision_steps + pc.lm_steps * pc.lm_cycles
   vision_tx = optax.adamw(_schedule(pc.vision_lr, pc.vision_steps, pc.warmup_steps),
                           weight_decay=pc.weight_decay)
-  lm_tx = optax.adamw(_schedule(pc.lr, pc.lm_steps, pc.warmup_steps), weight_decay=pc.weight_decay)
+  # Stage 2 repeats its warm-up + cosine cycle `lm_cycles` times (warm restarts): selective
+  # attention to one token among N emerges late, and a restart lets it keep improving.
+  lm_schedule = optax.join_schedules(
+      [_schedule(pc.lr, pc.lm_steps, pc.warmup_steps)] * pc.lm_cycles,
+      [pc.lm_steps * i for i in range(1, pc.lm_cycles)])
+  lm_tx = optax.adamw(lm_schedule, weight_decay=pc.weight_decay)
   vision_opt = vision_tx.init({'vit': params['vision'], 'heads': head_params})
   probe = EarlyAnswerProbe(runtime.vocab_size(config, tok))
   probe_params = probe.init(jax.random.fold_in(head_rng, 1),
