@@ -84,10 +84,9 @@ def get_config(arg=None):
   c.eval.batch_size = 128  # Examples per evaluation batch.
   c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # None: the whole test split.
   c.eval.budgets = (0.5, 0.25, 1 / 9, 1 / 18)  # Keep ratios rho in (0, 1] of every pruner.
-  # Methods to compare: references (full, blind, shuffled) and the pruners of gripjax.pruning.
-  c.eval.methods = ('full', 'blind', 'shuffled', 'random', 'uniform', 'fastervlm', 'visionzip',
-                    'divprune', 'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop',
-                    'sparsevlm')  # Methods.
+  c.eval.methods = (  # Methods to compare: references, then the pruners of gripjax.pruning.
+      'full', 'blind', 'shuffled', 'random', 'uniform', 'fastervlm', 'visionzip', 'divprune',
+      'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop', 'sparsevlm')
   c.eval.position_modes = ('keep', 'renumber')  # Position modes to compare.
 
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
