@@ -50,10 +50,8 @@ def visual_scores(attn: jax.Array, num_visual: int) -> jax.Array:
   return inlm.last_token_visual_attention(attn, num_visual)
 
 
-def _select(h, attn, count, text_valid):
-  """Keeps the `count` visual slots with the highest `visual_scores` (an `inlm.Select`)."""
-  num_visual = h.shape[1] - 1 - text_valid.shape[1]
-  return inlm.top_k_sorted(visual_scores(attn, num_visual), count), None
+# Keeps the `count` visual slots with the highest `visual_scores` (an `inlm.Select`).
+_select = inlm.select_by_last_token_attention
 
 
 def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,

@@ -172,6 +172,12 @@ def last_token_visual_attention(attn: jax.Array, num_visual: int) -> jax.Array:
   return jnp.mean(row.astype(jnp.float32), axis=1)  # (B, n)
 
 
+def select_by_last_token_attention(h, attn, count, text_valid):
+  """An `inlm.Select` keeping the `count` visual slots the last text token attends to most."""
+  num_visual = h.shape[1] - 1 - text_valid.shape[1]
+  return top_k_sorted(last_token_visual_attention(attn, num_visual), count), None
+
+
 def top_k_sorted(scores: jax.Array, k: int) -> jax.Array:
   """Top-k slots by score (ties to the lower slot), returned in increasing slot order: (B, n) -> (B, k)."""
   return jnp.sort(base.top_k_indices(scores, k), axis=-1)
