@@ -7,7 +7,6 @@ import os
 
 from absl import logging
 import jax
-import numpy as np
 
 from gripjax import config_lib
 
@@ -89,6 +88,7 @@ def question_only_prior(config, workdir: str) -> dict[str, float]:
   The floor a model that ignores the image can reach by learning answer frequencies.
   """
   from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  from gripjax.data.pipeline import as_text as _text  # pylint: disable=g-import-not-at-top
   train = split_source(config, workdir, 'train')
   test = split_source(config, workdir, 'test')
   counts = {}
@@ -108,10 +108,3 @@ def question_only_prior(config, workdir: str) -> dict[str, float]:
   out['overall'] = sum(hits.values()) / max(sum(totals.values()), 1)
   return out
 
-
-def _text(x) -> str:
-  if isinstance(x, bytes):
-    return x.decode('utf-8')
-  if isinstance(x, np.ndarray):
-    return _text(x.item())
-  return str(x)

@@ -194,7 +194,7 @@ def test_builder_reads_back_without_tensorflow(sources):
     assert ex[k].dtype == np.int32
     np.testing.assert_array_equal(ex[k], ref[k])
   for k in ('question', 'answer', 'task'):
-    assert pipeline._text(ex[k]) == ref[k]  # pylint: disable=protected-access
+    assert pipeline.as_text(ex[k]) == ref[k]
 
 
 def test_builder_config_name_and_reuse(sources, tmp_path):

@@ -32,12 +32,12 @@ from gripjax.data.grip_bench import scenes
 TASKS = scenes.TASKS
 
 
-def _text(x):
+def as_text(x):
   """tfds Text features come back as bytes: normalize to str."""
   if isinstance(x, bytes):
     return x.decode('utf-8')
   if isinstance(x, np.ndarray):
-    return _text(x.item())
+    return as_text(x.item())
   return str(x)
 
 
@@ -68,11 +68,11 @@ class _Encoder:
     q_ids, q_valid, answers, tasks, masks = [], [], [], [], []
     num_patches = len(examples[0]['patch_digit'])
     for ex in examples:
-      ids, valid = self.question(_text(ex['question']))
+      ids, valid = self.question(as_text(ex['question']))
       q_ids.append(ids)
       q_valid.append(valid)
-      answers.append(self.tokenizer.word_id(_text(ex['answer'])))
-      task = _text(ex['task'])
+      answers.append(self.tokenizer.word_id(as_text(ex['answer'])))
+      task = as_text(ex['task'])
       if task not in TASKS:
         raise ValueError(f'unknown task {task!r}; expected one of {TASKS}.')
       tasks.append(TASKS.index(task))

@@ -150,3 +150,11 @@ def top_k_indices(scores: jax.Array, k: int) -> jax.Array:
   """Indices of the k largest scores per row (ties go to the lower index): (B, N) -> (B, k)."""
   _, index = jax.lax.top_k(scores, k)
   return index.astype(jnp.int32)
+
+
+def complement_indices(selected: jax.Array, n: int) -> jax.Array:
+  """(B, k) unique indices in [0, n) -> (B, n - k) int32 of the others, in increasing order."""
+  b, k = selected.shape
+  marked = jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], selected].set(1)  # (B, N)
+  # A stable sort puts the unmarked indices first, in their original (patch) order.
+  return jnp.argsort(marked, axis=-1, stable=True)[:, :n - k].astype(jnp.int32)

@@ -44,16 +44,14 @@ def split_budget(k: int, dominant_ratio: float = DOMINANT_RATIO) -> tuple[int, i
 def prune(ctx: base.PruneContext, k: int, *,
           dominant_ratio: float = DOMINANT_RATIO) -> base.Kept:
   """Keeps dominant tokens by [CLS] attention and merges the rest into contextual tokens."""
-  b, n = ctx.batch_size, ctx.num_tokens
+  n = ctx.num_tokens
   base.check_k(k, n)
   d, c = split_budget(k, dominant_ratio)
   dominant = base.top_k_indices(ctx.cls_attn, d)  # (B, d)
   if c == 0:
     return base.gather_kept(ctx.tokens, dominant)
 
-  # Non-dominant tokens in patch order: a stable sort puts the unmarked ones first.
-  is_dominant = jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], dominant].set(1)  # (B, N)
-  rest = jnp.argsort(is_dominant, axis=-1, stable=True)[:, :n - d].astype(jnp.int32)  # (B, R)
+  rest = base.complement_indices(dominant, n)  # (B, R) non-dominant tokens in patch order
   r = n - d
   step = max(1, r // c)
   target_pos = np.arange(c) * step  # static, < R since R >= c

@@ -70,13 +70,12 @@ def remove_duplicates(features: jax.Array, index: jax.Array, keep: int) -> jax.A
 def prune(ctx: base.PruneContext, k: int, *,
           important_ratio: float = IMPORTANT_RATIO) -> base.Kept:
   """Keeps important tokens by [CLS] attention plus diverse tokens from the rest."""
-  b, n = ctx.batch_size, ctx.num_tokens
+  n = ctx.num_tokens
   base.check_k(k, n)
   imp, div = split_budget(k, important_ratio)
   important = base.top_k_indices(ctx.cls_attn, imp)  # (B, imp)
   if div == 0:
     return base.gather_kept(ctx.tokens, important)
-  is_important = jnp.zeros((b, n), jnp.int32).at[jnp.arange(b)[:, None], important].set(1)
-  rest = jnp.argsort(is_important, axis=-1, stable=True)[:, :n - imp].astype(jnp.int32)  # (B, N-imp)
+  rest = base.complement_indices(important, n)  # (B, N-imp) in patch order
   diverse = remove_duplicates(ctx.features, rest, div)  # (B, div)
   return base.gather_kept(ctx.tokens, jnp.concatenate([important, diverse], axis=1))

@@ -37,7 +37,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from gripjax.train import checkpoint as ckpt_lib
