@@ -1,25 +1,58 @@
-"""Device mesh and shardings of the agent's training step (data parallel for now).
+"""Device mesh and shardings: data-parallel batches, rule-based parameter shardings.
 
-  mesh = make_mesh(config)                    # config.train.mesh = (('data', -1),)
+  mesh = make_mesh(config)                    # config.train.mesh = (('data', -1), ('fsdp', 2))
   batch = shard_batch(numpy_batch, mesh)      # rows split over 'data', one global jax.Array per key
+  rules = rules_from_config(config, 'vlm_params')            # config.train.sharding.vlm_params
+  shardings = param_shardings(jax.eval_shape(init, rng), mesh, rules)   # NamedSharding per leaf
+  params = jax.device_put(params, shardings)
 
 The same code runs on 1 CPU, 8 fake CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`),
-one GPU and a TPU pod: a batch's rows and the B x G rollouts are split over the 'data' axis; the
-agent's and the frozen VLM's params are replicated. Mesh axes are `Auto` so the compiler propagates
-shardings from the inputs and the few explicit constraints in the step.
+one GPU and a TPU pod. A batch's rows and the B x G rollouts are split over the 'data' axis. Mesh
+axes are `Auto` so the compiler propagates shardings from the inputs and the few explicit
+constraints in the step.
+
+Parameters are sharded by rules that are data (`default_sharding_config()`), one strategy per tree:
+
+  replicate     every device holds every parameter.
+  fsdp          leaves with at least `fsdp_min_size` scalars are split over the 'fsdp' axis along
+                their largest dimension that the axis size divides (ZeRO-3 / FSDP).
+  tensor        Megatron-style: `param_axes` names each dimension of the big matrices with a
+                logical axis (q/k/v/gate/up/fc1 columns and o/down/fc2 rows are 'heads' / 'mlp',
+                embedding and LM head 'vocab'), `logical_axis_rules` maps those to 'tensor'.
+  fsdp_tensor   tensor first, then fsdp on the largest remaining dimension.
+
+A dimension is split over a mesh axis only when the axis size divides it; otherwise that dimension
+stays replicated (never an error), so one rule set fits every geometry. Norms, biases and other
+leaves no rule names stay replicated under tensor; under fsdp, only when small.
+
+The bytes-per-device report of a geometry, from `jax.eval_shape` (no weights are allocated; with
+fewer real devices than asked, on a `jax.sharding.AbstractMesh`):
+
+  python -m gripjax.train.sharding --config=configs/llava_1p5_7b.py                 # 8 devices
+  python -m gripjax.train.sharding --config=configs/llava_1p5_7b.py --mesh=data=1,fsdp=8
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m gripjax.train.sharding \\
+      --config=configs/llava_1p5_7b.py                                              # real mesh
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import math
+import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+TENSOR_AXIS = 'tensor'
 
 
 def mesh_shape(spec: Sequence, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -101,3 +134,460 @@ def shard_batch(batch: dict[str, Any], mesh) -> dict[str, jax.Array]:
     check_batch_size(value.shape[0] * jax.process_count(), mesh, f'batch[{key!r}].shape[0] (global)')
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+# --- Parameter sharding rules (data, from the config). --------------------------------------------
+
+STRATEGIES = ('replicate', 'fsdp', 'tensor', 'fsdp_tensor')
+
+# (path regex, logical axis of each dimension). A leaf's path is its keys joined by '/', e.g.
+# 'llm/layers_3/self_attn/q_proj/kernel' or, inside an optimizer state, '.../mu/token_in/kernel';
+# the first rule whose regex `re.search`es the path names its dimensions. Flax Dense kernels are
+# (in, out): column-parallel layers split 'out', row-parallel ones 'in' (Megatron).
+DEFAULT_PARAM_AXES = (
+    # Llama decoder and CLIP tower (HF LLaVA names, see gripjax/models/llm.py and vit.py).
+    (r'(^|/)self_attn/(q_proj|k_proj|v_proj)/kernel$', ('embed', 'heads')),
+    (r'(^|/)self_attn/(o_proj|out_proj)/kernel$', ('heads', 'embed')),
+    (r'(^|/)mlp/(gate_proj|up_proj|fc1)/kernel$', ('embed', 'mlp')),
+    (r'(^|/)mlp/(down_proj|fc2)/kernel$', ('mlp', 'embed')),
+    (r'(^|/)embed_tokens/embedding$', ('vocab', 'embed')),
+    (r'(^|/)lm_head/kernel$', ('embed', 'vocab')),
+    # LLaVA projector (mlp2x_gelu): linear_1 column-parallel, linear_2 row-parallel.
+    (r'(^|/)projector/linear_1/kernel$', ('embed', 'mlp')),
+    (r'(^|/)projector/linear_2/kernel$', ('mlp', 'embed')),
+    # The agent (gripjax/models/scorer.py): DenseGeneral attention (d, H, Dh) -> (H, Dh, d), MLP.
+    (r'(^|/)(query|key|value)/kernel$', ('embed', 'heads', None)),
+    (r'(^|/)(attn|cross_attn)/out/kernel$', ('heads', None, 'embed')),
+    (r'(^|/)mlp_in/kernel$', ('embed', 'mlp')),
+    (r'(^|/)mlp_out/kernel$', ('mlp', 'embed')),
+)
+
+# (logical axis, mesh axis or tuple of mesh axes) used by the tensor strategies; logical axes not
+# listed ('embed', None) stay replicated by them.
+DEFAULT_LOGICAL_AXIS_RULES = (('heads', TENSOR_AXIS), ('mlp', TENSOR_AXIS), ('vocab', TENSOR_AXIS))
+
+DEFAULT_FSDP_MIN_SIZE = 2 ** 16
+
+
+def default_sharding_config() -> ml_collections.ConfigDict:
+  """The `config.train.sharding` section: which strategy shards which tree, and the rules."""
+  c = ml_collections.ConfigDict()
+  # Frozen VLM params: 'replicate' | 'fsdp' | 'tensor' | 'fsdp_tensor' (the mesh needs the axes).
+  c.vlm_params = 'replicate'
+  # Agent params, their reference copy and the optimizer state: same choices.
+  c.agent_params = 'replicate'
+  # Under fsdp, leaves with fewer scalars than this (norms, biases, small tables) stay replicated.
+  c.fsdp_min_size = DEFAULT_FSDP_MIN_SIZE
+  # ((path regex, logical axis per dimension), ...): the first regex that re.search-es a path wins.
+  c.param_axes = DEFAULT_PARAM_AXES
+  # ((logical axis, mesh axis), ...) applied by 'tensor' and 'fsdp_tensor'.
+  c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+  return c
+
+
+def sharding_config(config) -> ml_collections.ConfigDict:
+  """`config.train.sharding`, or the defaults when the config has no such section."""
+  train = config.get('train') if hasattr(config, 'get') else None
+  if train is not None and 'sharding' in train:
+    return train.sharding
+  return default_sharding_config()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """How one pytree is sharded: a strategy and the rules it reads (see the module docstring)."""
+  strategy: str = 'replicate'
+  param_axes: tuple = DEFAULT_PARAM_AXES
+  logical_axis_rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
+  fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE
+  what: str = 'strategy'  # The setting's name in errors, e.g. 'config.train.sharding.vlm_params'.
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f'{self.what}={self.strategy!r} is invalid: expected one of {STRATEGIES}.')
+    size = self.fsdp_min_size
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 0:
+      raise ValueError(f'fsdp_min_size={size!r} is invalid: expected a non-negative integer.')
+    _compiled_param_axes(_freeze(self.param_axes))  # Raises on a malformed rule.
+    _logical_map(_freeze(self.logical_axis_rules))
+
+  def mesh_axes_needed(self) -> tuple[str, ...]:
+    """Mesh axes this strategy splits over (each must exist in the mesh, size 1 allowed)."""
+    axes = []
+    if self.strategy in ('tensor', 'fsdp_tensor'):
+      for mesh_axes in _logical_map(_freeze(self.logical_axis_rules)).values():
+        axes.extend(a for a in mesh_axes if a not in axes)
+    if self.strategy in ('fsdp', 'fsdp_tensor') and FSDP_AXIS not in axes:
+      axes.append(FSDP_AXIS)
+    return tuple(axes)
+
+
+def rules_from_config(config, which: str) -> ShardingRules:
+  """The rules of `config.train.sharding.<which>` ('vlm_params' or 'agent_params')."""
+  if which not in ('vlm_params', 'agent_params'):
+    raise ValueError(f"which={which!r} is invalid: expected 'vlm_params' or 'agent_params'.")
+  c = sharding_config(config)
+  return ShardingRules(strategy=c[which], param_axes=c.param_axes,
+                       logical_axis_rules=c.logical_axis_rules, fsdp_min_size=c.fsdp_min_size,
+                       what=f'config.train.sharding.{which}')
+
+
+def validate_config(config) -> None:
+  """Start-up check of `config.train.sharding` against `config.train.mesh`'s axis names.
+
+  Raises:
+    ValueError naming the field, its value and what was expected (a strategy name, a well-formed
+    rule, a mesh axis the strategy needs).
+  """
+  c = sharding_config(config)
+  mesh_spec = config.train.mesh
+  try:
+    mesh_names = [str(name) for name, _ in mesh_spec]
+  except (TypeError, ValueError):
+    raise ValueError(f'config.train.mesh={mesh_spec!r} is invalid: expected a tuple of '
+                     "(axis_name, size) pairs, e.g. (('data', -1),).") from None
+  for which in ('vlm_params', 'agent_params'):
+    try:
+      rules = rules_from_config(config, which)
+    except ValueError as e:
+      if str(e).startswith('config.'):
+        raise
+      raise ValueError(f'config.train.sharding.{e}') from None  # e starts with the field name.
+    missing = [a for a in rules.mesh_axes_needed() if a not in mesh_names]
+    if missing:
+      raise ValueError(f'config.train.sharding.{which}={c[which]!r} is invalid with '
+                       f'config.train.mesh={mesh_spec!r}: expected the mesh to have the axes '
+                       f'{missing} (add e.g. ({missing[0]!r}, 2), or use a strategy without them).')
+
+
+def _freeze(x):
+  """Nested lists and tuples -> nested tuples (hashable, for the rule caches)."""
+  return tuple(_freeze(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_param_axes(param_axes: tuple) -> tuple[tuple[re.Pattern, tuple], ...]:
+  out = []
+  for i, rule in enumerate(param_axes):
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str) and \
+        isinstance(rule[1], (tuple, list)) and all(a is None or isinstance(a, str) for a in rule[1])
+    if not ok:
+      raise ValueError(f'param_axes[{i}]={rule!r} is invalid: expected (path_regex, (logical axis '
+                       "or None, ...)), e.g. (r'q_proj/kernel$', ('embed', 'heads')).")
+    try:
+      pattern = re.compile(rule[0])
+    except re.error as e:
+      raise ValueError(f'param_axes[{i}] regex {rule[0]!r} is invalid: {e}.') from None
+    out.append((pattern, tuple(rule[1])))
+  return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _logical_map(logical_axis_rules: tuple) -> dict[str, tuple[str, ...]]:
+  out = {}
+  for i, rule in enumerate(logical_axis_rules):
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    mesh_axes = ()
+    if ok:
+      mesh_axes = (rule[1],) if isinstance(rule[1], str) else rule[1]
+      ok = isinstance(mesh_axes, (tuple, list)) and mesh_axes and all(
+          isinstance(a, str) for a in mesh_axes)
+    if not ok:
+      raise ValueError(f'logical_axis_rules[{i}]={rule!r} is invalid: expected (logical_axis, '
+                       "mesh_axis or (mesh_axis, ...)), e.g. ('heads', 'tensor').")
+    out.setdefault(rule[0], tuple(mesh_axes))  # The first rule for a logical axis wins.
+  return out
+
+
+def path_str(path) -> str:
+  """'llm/layers_0/mlp/up_proj/kernel' for a `jax.tree_util` key path (dict keys, attrs, indices)."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def logical_axes(path: str, ndim: int, rules: ShardingRules) -> tuple:
+  """The logical axis of each dimension of the leaf at `path` (None where no rule names it)."""
+  for pattern, axes in _compiled_param_axes(_freeze(rules.param_axes)):
+    if pattern.search(path):
+      if len(axes) != ndim:
+        raise ValueError(f'param_axes rule {pattern.pattern!r} -> {axes} names {len(axes)} '
+                         f'dimensions, but {path!r} has {ndim}: fix the regex or the axes.')
+      return axes
+  return (None,) * ndim
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh, rules: ShardingRules) -> P:
+  """The PartitionSpec of one leaf (see the module docstring for the strategies).
+
+  Args:
+    path: the leaf's '/'-joined key path (`path_str`).
+    shape: the leaf's shape.
+    mesh: a `jax.sharding.Mesh` or `AbstractMesh` (only its axis names and sizes are read).
+    rules: the strategy and rules.
+
+  Returns:
+    A PartitionSpec with one entry per dimension: None, a mesh axis name, or a tuple of them.
+  """
+  shape = tuple(int(d) for d in shape)
+  sizes = dict(mesh.shape)
+  missing = [a for a in rules.mesh_axes_needed() if a not in sizes]
+  if missing:
+    raise ValueError(f'{rules.what}={rules.strategy!r} needs the mesh axes {missing}; the mesh has '
+                     f'{tuple(sizes)}.')
+  entries: list[Any] = [None] * len(shape)
+  if rules.strategy == 'replicate' or not shape:
+    return P(*entries)
+  used = set()
+  if rules.strategy in ('tensor', 'fsdp_tensor'):
+    logical = logical_axes(path, len(shape), rules)
+    mapping = _logical_map(_freeze(rules.logical_axis_rules))
+    for dim, name in enumerate(logical):
+      mesh_axes = tuple(a for a in mapping.get(name, ()) if a not in used and sizes[a] > 1)
+      if not mesh_axes or shape[dim] % math.prod(sizes[a] for a in mesh_axes):
+        continue  # Not named, or not divisible: this dimension stays replicated.
+      entries[dim] = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+      used.update(mesh_axes)
+  n = sizes.get(FSDP_AXIS, 1)
+  if (rules.strategy in ('fsdp', 'fsdp_tensor') and n > 1 and FSDP_AXIS not in used
+      and math.prod(shape) >= rules.fsdp_min_size):
+    free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % n == 0]
+    if free:
+      entries[max(free, key=lambda d: (shape[d], -d))] = FSDP_AXIS  # Largest; first on ties.
+  return P(*entries)
+
+
+def param_specs(tree, mesh, rules: ShardingRules | str):
+  """A PartitionSpec for every leaf of `tree` (abstract or concrete arrays; any pytree).
+
+  Works on a params tree and on a whole train state: optimizer moments sit under paths that end in
+  the param's path, so the same regexes name them; scalars and small leaves stay replicated.
+  """
+  if isinstance(rules, str):
+    rules = ShardingRules(strategy=rules)
+
+  def spec(path, leaf):
+    if not hasattr(leaf, 'shape'):
+      raise ValueError(f'leaf {path_str(path)!r} of type {type(leaf).__name__} has no shape: '
+                       'expected arrays or jax.ShapeDtypeStruct.')
+    return partition_spec(path_str(path), leaf.shape, mesh, rules)
+
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def param_shardings(tree, mesh, rules: ShardingRules | str):
+  """A NamedSharding for every leaf of `tree`, e.g. `jax.eval_shape(init, rng)`.
+
+  Args:
+    tree: pytree of arrays or jax.ShapeDtypeStruct (params, or a train state with optimizer state).
+    mesh: a `jax.sharding.Mesh` (to place arrays) or `AbstractMesh` (to plan without devices).
+    rules: a ShardingRules, or a strategy name with the default rules.
+
+  Returns:
+    The same tree structure with a NamedSharding(mesh, spec) at every leaf.
+  """
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def bytes_per_device(tree, shardings, dtype=None) -> int:
+  """Bytes the largest-loaded device holds for `tree` placed with `shardings`.
+
+  Args:
+    tree: pytree of arrays or jax.ShapeDtypeStruct.
+    shardings: the matching tree of jax.sharding.Sharding (e.g. from `param_shardings`).
+    dtype: count floating-point leaves at this dtype (e.g. 'bfloat16') instead of their own.
+
+  Returns:
+    max over devices of the sum of that device's shard sizes, in bytes. On an AbstractMesh every
+    device holds one shard of `sharding.shard_shape(shape)` per leaf.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  sharding_leaves = treedef.flatten_up_to(shardings)
+  per_device: dict[Any, int] = collections.defaultdict(int)
+  uniform = 0  # Bytes on every device (abstract meshes).
+  for leaf, sharding in zip(leaves, sharding_leaves):
+    leaf_dtype = np.dtype(leaf.dtype)
+    if dtype is not None and jnp.issubdtype(leaf_dtype, jnp.floating):
+      leaf_dtype = np.dtype(dtype)
+    shape = tuple(leaf.shape)
+    mesh = getattr(sharding, 'mesh', None)
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+      uniform += math.prod(sharding.shard_shape(shape)) * leaf_dtype.itemsize
+      continue
+    for device, index in sharding.devices_indices_map(shape).items():
+      n = math.prod(len(range(*s.indices(d))) for s, d in zip(index, shape))
+      per_device[device] += n * leaf_dtype.itemsize
+  return uniform + max(per_device.values(), default=0)
+
+
+# --- Meshes without devices, and the bytes-per-device report. -------------------------------------
+
+def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
+  """'data=1,fsdp=8' -> (('data', 1), ('fsdp', 8)), the `config.train.mesh` format."""
+  pairs = []
+  for item in text.split(','):
+    name, sep, size = item.partition('=')
+    try:
+      if not sep or not name.strip():
+        raise ValueError
+      pairs.append((name.strip(), int(size)))
+    except ValueError:
+      raise ValueError(f'mesh {text!r} is invalid: expected comma-separated axis=size pairs, e.g. '
+                       "'data=1,fsdp=8' (size -1 takes the remaining devices).") from None
+  return tuple(pairs)
+
+
+def abstract_mesh(spec: Sequence, num_devices: int) -> jax.sharding.AbstractMesh:
+  """An AbstractMesh of `spec` ((name, size), ...) over `num_devices` that need not exist."""
+  names, sizes = mesh_shape(spec, num_devices)
+  return jax.sharding.AbstractMesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def default_report_mesh(strategy: str, num_devices: int) -> tuple[tuple[str, int], ...]:
+  """The mesh the report uses for a strategy: all devices on the axes the strategy splits over."""
+  if strategy == 'replicate':
+    return ((DATA_AXIS, num_devices),)
+  if strategy == 'fsdp':
+    return ((DATA_AXIS, 1), (FSDP_AXIS, num_devices))
+  if strategy == 'tensor':
+    return ((DATA_AXIS, 1), (TENSOR_AXIS, num_devices))
+  tensor = max(t for t in range(1, num_devices + 1) if num_devices % t == 0 and t * t <= num_devices)
+  return ((DATA_AXIS, 1), (FSDP_AXIS, num_devices // tensor), (TENSOR_AXIS, tensor))
+
+
+def _mesh_text(spec) -> str:
+  return ','.join(f'{name}={size}' for name, size in spec)
+
+
+def check_all_sharded(tree, shardings, mesh) -> int:
+  """Asserts every leaf has a NamedSharding on `mesh` whose split dimensions divide evenly.
+
+  Returns:
+    The number of leaves split over at least one mesh axis.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  sharding_leaves = treedef.flatten_up_to(shardings)
+  sizes = dict(mesh.shape)
+  split = 0
+  for (path, leaf), s in zip(leaves, sharding_leaves):
+    name = path_str(path)
+    if not isinstance(s, NamedSharding) or s.mesh != mesh:
+      raise AssertionError(f'{name!r} has no NamedSharding on the mesh: {s!r}')
+    for dim, entry in zip(leaf.shape, tuple(s.spec) + (None,) * (len(leaf.shape) - len(s.spec))):
+      axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+      if dim % math.prod(sizes[a] for a in axes):
+        raise AssertionError(f'{name!r} {tuple(leaf.shape)} has spec {s.spec}: {dim} does not split '
+                             f'over {axes}.')
+    split += any(e is not None for e in s.spec)
+  return split
+
+
+def report(config, num_devices: int = 8, mesh_spec=None, strategies: Sequence[str] = STRATEGIES,
+           devices: Sequence[Any] | None = None, print_fn=print) -> list[dict[str, Any]]:
+  """Bytes per device of the config's VLM params under each strategy; weights are never allocated.
+
+  Args:
+    config: a full config (its `model` section gives the geometry; `train.sharding` the rules).
+    num_devices: devices of the planned mesh.
+    mesh_spec: one mesh for every strategy ((name, size), ...); None: `default_report_mesh`.
+      Strategies whose axes the mesh lacks are reported as skipped.
+    strategies: which strategies to report.
+    devices: real devices to build the mesh on (len == num_devices); None: an AbstractMesh.
+    print_fn: where the table goes.
+
+  Returns:
+    One dict per strategy: strategy, mesh, leaves, split_leaves, bytes_f32, bytes_bf16, ratio
+    (bytes over the replicated bytes), or skipped (the reason).
+  """
+  from gripjax import runtime  # pylint: disable=g-import-not-at-top
+  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
+  vocab = config.model.llm.vocab_size or runtime.vocab_size(config)  # 0: the shipped tokenizer's.
+  model = vlm_lib.make_vlm(config.model, vocab)
+  abstract = jax.eval_shape(functools.partial(vlm_lib.init_params, model), jax.random.PRNGKey(0))
+  abstract = abstract['params']
+  leaves = jax.tree.leaves(abstract)
+  count = sum(math.prod(x.shape) for x in leaves)
+  full_f32 = sum(math.prod(x.shape) * 4 for x in leaves)
+  c = sharding_config(config)
+  unit, scale = ('GiB', 2.0 ** 30) if full_f32 >= 2 ** 30 else ('MiB', 2.0 ** 20)
+  print_fn(f'VLM params: {count:,} scalars in {len(leaves)} leaves; {full_f32 / scale:.2f} {unit} f32, '
+           f'{full_f32 / 2 / scale:.2f} {unit} bf16 unsharded; {num_devices} devices '
+           f'({"real" if devices is not None else "abstract mesh"})')
+  print_fn(f'{"strategy":<12} {"mesh":<26} {"split leaves":>12} {f"f32 {unit}/dev":>12} '
+           f'{f"bf16 {unit}/dev":>12} {"x replicated":>12}')
+  rows = []
+  for strategy in strategies:
+    spec = mesh_spec if mesh_spec is not None else default_report_mesh(strategy, num_devices)
+    rules = ShardingRules(strategy=strategy, param_axes=c.param_axes,
+                          logical_axis_rules=c.logical_axis_rules, fsdp_min_size=c.fsdp_min_size)
+    names, sizes = mesh_shape(spec, num_devices)
+    missing = [a for a in rules.mesh_axes_needed() if a not in names]
+    if missing:
+      rows.append(dict(strategy=strategy, mesh=_mesh_text(spec), skipped=f'mesh has no {missing} axes'))
+      print_fn(f'{strategy:<12} {_mesh_text(spec):<26} skipped: the mesh has no {missing} axes')
+      continue
+    if devices is None:
+      mesh = abstract_mesh(spec, num_devices)
+    else:
+      mesh = jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                           devices=devices)
+    shardings = param_shardings(abstract, mesh, rules)
+    split = check_all_sharded(abstract, shardings, mesh)
+    b32 = bytes_per_device(abstract, shardings)
+    b16 = bytes_per_device(abstract, shardings, dtype='bfloat16')
+    row = dict(strategy=strategy, mesh=_mesh_text(zip(names, sizes)), leaves=len(leaves),
+               split_leaves=split, bytes_f32=b32, bytes_bf16=b16, ratio=b32 / full_f32)
+    rows.append(row)
+    print_fn(f'{strategy:<12} {row["mesh"]:<26} {f"{split}/{len(leaves)}":>12} {b32 / scale:>12.3f} '
+             f'{b16 / scale:>12.3f} {row["ratio"]:>12.4f}')
+  return rows
+
+
+def _main():
+  """`python -m gripjax.train.sharding --config=FILE [--mesh=data=1,fsdp=8] [--num_devices=8]`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flag = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
+                                                lock_config=True)
+  mesh_flag = flags.DEFINE_string('mesh', None, "One mesh for every strategy, e.g. 'data=1,fsdp=8'; "
+                                  'default: per strategy, all devices on the axes it splits over.')
+  devices_flag = flags.DEFINE_integer('num_devices', 8, 'Devices of the planned mesh.')
+  strategies_flag = flags.DEFINE_list('strategies', list(STRATEGIES), 'Strategies to report.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {argv[1:]!r}')
+    if config_flag.value is None:
+      raise app.UsageError('--config is required, e.g. --config=configs/llava_1p5_7b.py')
+    for s in strategies_flag.value:
+      if s not in STRATEGIES:
+        raise app.UsageError(f'--strategies has {s!r}: expected names from {STRATEGIES}')
+    n = devices_flag.value
+    if n < 1:
+      raise app.UsageError(f'--num_devices={n} is invalid: expected a positive integer')
+    try:
+      mesh_spec = None if mesh_flag.value is None else parse_mesh(mesh_flag.value)
+      if mesh_spec is not None:
+        mesh_shape(mesh_spec, n)  # Fails early naming the mesh.
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    # A real mesh when this process has exactly the devices asked for (e.g. 8 fake CPU devices).
+    devices = jax.devices() if jax.device_count() == n else None
+    rows = report(config_flag.value, n, mesh_spec, strategies_flag.value, devices)
+    if not any('skipped' not in r for r in rows):
+      raise SystemExit('error: every strategy was skipped: the mesh lacks the axes they need.')
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()
