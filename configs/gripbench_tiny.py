@@ -11,6 +11,8 @@ Override any field from the command line, e.g. `--config.pretrain.lr=3e-4`,
 
 import ml_collections
 
+from gripjax.train import sharding
+
 
 def get_config(arg=None):
   """Returns the tiny GRIP-Bench config; `arg='smoke'` shrinks everything for fast smoke tests.
@@ -72,6 +74,10 @@ def get_config(arg=None):
   c.pretrain.question_loss_weight = 0.0  # Next-token loss on question words (stands in for LM pre-training).
   c.pretrain.probe_slots = 2  # Early-answer probe: last question words (before '?') that predict the answer.
   c.pretrain.probe_weight = 1.0  # Weight of the early-answer probe loss (0 disables it).
+  c.pretrain.ground_weight = 0.0  # Weight of the grounding loss: answer-slot attention on the answer region.
+  c.pretrain.word_ground = False  # Also ground digit and colour words (layer 0) on their patches.
+  c.pretrain.ground_heads = 2  # Heads per layer (from layer 1 on) that the grounding loss supervises.
+  c.pretrain.init_vision_from = ml_collections.FieldReference(None, field_type=str)  # Optional VLM checkpoint whose vision tower starts stage 1 (or replaces it).
   c.pretrain.token_curriculum = 0.4  # Share of stage 2 that hides part of the background patches.
   c.pretrain.curriculum_min_keep = 0.05  # Share of background patches kept at the curriculum start.
   c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
@@ -88,6 +94,7 @@ def get_config(arg=None):
       'full', 'blind', 'shuffled', 'random', 'uniform', 'fastervlm', 'visionzip', 'divprune',
       'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop', 'sparsevlm')
   c.eval.position_modes = ('keep', 'renumber')  # Position modes to compare.
+  c.eval.picture_examples = 4  # Test examples whose kept patches the report draws (0: none).
 
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
   c.agent = ml_collections.ConfigDict()
@@ -117,6 +124,7 @@ def get_config(arg=None):
   c.train.log_every = 10  # Steps between metrics lines (WORKDIR/metrics.jsonl).
   c.train.checkpoint_every = 50  # Steps between Orbax checkpoints (WORKDIR/checkpoints).
   c.train.mesh = (('data', -1),)  # Device mesh: (axis, size) pairs; -1 takes the remaining devices.
+  c.train.sharding = sharding.default_sharding_config()  # Param sharding: strategy per tree, rules.
 
   if arg == 'smoke':
     _shrink_for_smoke_tests(c)

@@ -99,7 +99,8 @@ def validate_model(c: ml_collections.ConfigDict):
 
 # Nullable string fields: the command line cannot pass a Python None to a str field, so the
 # strings 'None', 'none' and '' clear them (`--config.vlm_checkpoint=None`).
-NULLABLE_STR_FIELDS = ('vlm_checkpoint', 'data.data_dir', 'agent.checkpoint')
+NULLABLE_STR_FIELDS = ('vlm_checkpoint', 'data.data_dir', 'agent.checkpoint',
+                       'pretrain.init_vision_from')
 
 
 def _normalize_nullable(c: ml_collections.ConfigDict):
@@ -131,15 +132,28 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _positive_int(c, f'pretrain.{f}', allow_zero=True)
     for f in ('vision_lr', 'lr'):
       _positive_float(c, f'pretrain.{f}')
+    _positive_int(c, 'pretrain.ground_heads', allow_zero=True)
+    if c.pretrain.ground_heads > c.model.llm.num_heads:
+      _fail('pretrain.ground_heads', c.pretrain.ground_heads,
+            f'at most model.llm.num_heads={c.model.llm.num_heads}')
+    value = c.pretrain.ground_weight
+    if not isinstance(value, (int, float)) or value < 0:
+      _fail('pretrain.ground_weight', value, 'a non-negative number')
     for f in ('token_curriculum', 'curriculum_min_keep'):
       value = c.pretrain[f]
       if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         _fail(f'pretrain.{f}', value, 'a fraction in [0, 1]')
   if 'train' in c:
+    from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
     from gripjax.train import step  # pylint: disable=g-import-not-at-top
     step.validate_config(c)
+    try:
+      sharding.validate_config(c)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if 'eval' in c:
     _positive_int(c, 'eval.batch_size')
+    _positive_int(c, 'eval.picture_examples', allow_zero=True)
     if c.eval.num_examples is not None:
       _positive_int(c, 'eval.num_examples')
     if not isinstance(c.eval.budgets, tuple) or not c.eval.budgets:

@@ -45,13 +45,22 @@ def main(argv):
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
   mode = _MODE.value
+  if mode != 'validate_config':
+    # Before any computation: on a pod (or with GRIPJAX_COORDINATOR etc. set) this joins the cluster.
+    from gripjax.train import distributed  # pylint: disable=g-import-not-at-top
+    distributed.maybe_initialize_distributed()
   if mode == 'validate_config':
     print(config)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = _WORKDIR.value
+  if '://' in workdir:  # A bucket (gs://...): Orbax and tfds take it as is.
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  else:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
   logging.info('mode=%s workdir=%s', mode, workdir)
 
   if mode == 'pretrain_vlm':
