@@ -1,11 +1,19 @@
-"""Analytic FLOPs of the VLM: vision tower, LM prefill and one decoded token.
+"""Analytic FLOPs and KV-cache bytes of the VLM: vision tower, scorer, LM prefill, decoded tokens.
 
 Counts multiply-adds as 2 FLOPs, for matmuls only (norms, softmax and RoPE are lower order).
 Attention is counted over the full (causal, unmasked-square) score matrix, as the explicit attention
 code computes it. The LM head is counted for the last position only (what generation needs).
+
+Generation (`gripjax.models.vlm.generate`, `gripjax.inference`) with k kept visual tokens, T text
+slots and m new tokens allocates a cache of S = 1 + k + T + m slots; prefill yields the first token
+and each of the m - 1 decode steps attends over all S slots (the not-yet-written ones are masked but
+still computed), which is what `decode_token_flops` counts. Everything here is per request.
 """
 
 from __future__ import annotations
+
+# Bytes per value of the activation dtypes of `config.model.dtype` (the KV cache is stored in it).
+DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
 
 
 def _llm_dims(config, vocab_size: int | None = None):
@@ -39,20 +47,101 @@ def decode_flops(config, context: int, vocab_size: int | None = None) -> int:
   return depth * llm_layer_flops(config, 1, context + 1) + 2 * d * max(v, 0)
 
 
-def vision_flops(config) -> int:
-  """FLOPs of the vision tower (up to its last layer) and the projector for one image."""
+def vision_flops(config, layers: int | None = None) -> int:
+  """FLOPs of the vision tower and the projector for one image.
+
+  Args:
+    config: the ConfigDict.
+    layers: encoder layers counted; None counts all `vit.depth` (as HF's tower runs them). Under
+      jit, `VLM.encode_image` runs only the first `vision_feature_layers(config)` of them: the later
+      ones feed nothing it returns, so XLA drops them.
+  """
   vit = config.model.vit
   n = (vit.image_size // vit.patch_size) ** 2
   length = n + 1
   d, f = vit.width, vit.mlp_dim
+  layers = vit.depth if layers is None else int(layers)
+  if not 0 <= layers <= vit.depth:
+    raise ValueError(f'layers={layers!r}: expected an int in [0, vit.depth={vit.depth}].')
   patch = 2 * n * (vit.patch_size ** 2 * 3) * d
   layer = 2 * length * d * 4 * d + 2 * length * d * f * 2 + 2 * 2 * length * length * d
   proj = 2 * n * (d * config.model.projector_hidden + config.model.projector_hidden * config.model.llm.width)
-  return patch + vit.depth * layer + proj
+  return patch + layers * layer + proj
 
 
-def kv_cache_bytes(config, length: int, bytes_per_value: int = 2) -> int:
-  """Bytes of the KV cache for `length` positions (bf16 by default)."""
-  d, hd, kvh, _, _, depth = _llm_dims(config)
-  del d
-  return depth * 2 * length * kvh * hd * bytes_per_value
+def vision_feature_layers(config) -> int:
+  """Encoder layers up to `vit.feature_layer` (HF hidden_states indexing: -2 is depth - 1)."""
+  vit = config.model.vit
+  f = vit.feature_layer
+  return f if f >= 0 else vit.depth + 1 + f
+
+
+def scorer_flops(config, text_len: int = 16, n_tokens: int | None = None) -> int:
+  """FLOPs of one GRIP agent pass for one request (`gripjax.models.scorer.scorer_flops`)."""
+  from gripjax.models import scorer  # pylint: disable=g-import-not-at-top
+  return scorer.scorer_flops(config, n_tokens, text_len)
+
+
+def cache_len(kept_tokens: int, text_len: int, new_tokens: int) -> int:
+  """Slots of the KV cache generation allocates: <bos> + k visual + T text + m new tokens."""
+  for name, value in (('kept_tokens', kept_tokens), ('text_len', text_len), ('new_tokens', new_tokens)):
+    if isinstance(value, bool) or int(value) != value or value < 0:
+      raise ValueError(f'{name}={value!r}: expected a non-negative int.')
+  return 1 + int(kept_tokens) + int(text_len) + int(new_tokens)
+
+
+def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
+                   dtype_bytes: int | None = None) -> int:
+  """Bytes of one request's KV cache: depth * 2 (k and v) * S * KVH * Dh * dtype_bytes.
+
+  Args:
+    config: the ConfigDict.
+    kept_tokens: k visual tokens in the prompt.
+    text_len: T text slots (padding included: the cache holds them).
+    new_tokens: m generated tokens the cache has room for; S = 1 + k + T + m.
+    dtype_bytes: bytes per value; None takes `config.model.dtype` (the cache is stored in it).
+  """
+  _, hd, kvh, _, _, depth = _llm_dims(config)
+  if dtype_bytes is None:
+    dtype = config.model.dtype
+    if dtype not in DTYPE_BYTES:
+      raise ValueError(f'config.model.dtype={dtype!r}: expected one of {tuple(DTYPE_BYTES)}.')
+    dtype_bytes = DTYPE_BYTES[dtype]
+  if isinstance(dtype_bytes, bool) or int(dtype_bytes) != dtype_bytes or dtype_bytes < 1:
+    raise ValueError(f'dtype_bytes={dtype_bytes!r}: expected a positive int (4 for float32, 2 for bfloat16).')
+  return depth * 2 * cache_len(kept_tokens, text_len, new_tokens) * kvh * hd * int(dtype_bytes)
+
+
+def decode_token_flops(config, kept_tokens: int, text_len: int, new_tokens: int,
+                       vocab_size: int | None = None) -> int:
+  """FLOPs of one decoded token as generation computes it: attention over all S cache slots."""
+  return decode_flops(config, cache_len(kept_tokens, text_len, new_tokens) - 1, vocab_size)
+
+
+def generate_flops(config, kept_tokens: int, text_len: int, new_tokens: int,
+                   vocab_size: int | None = None) -> int:
+  """LM FLOPs of greedy generation of m = new_tokens tokens for one request.
+
+  prefill(1 + k + T) gives the first token; each of the m - 1 decode steps costs
+  `decode_token_flops`.
+  """
+  if isinstance(new_tokens, bool) or int(new_tokens) != new_tokens or new_tokens < 1:
+    raise ValueError(f'new_tokens={new_tokens!r}: expected a positive int.')
+  return (prefill_flops(config, kept_tokens, text_len, vocab_size) +
+          (int(new_tokens) - 1) * decode_token_flops(config, kept_tokens, text_len, new_tokens, vocab_size))
+
+
+def request_flops(config, kept_tokens: int, text_len: int, new_tokens: int,
+                  vocab_size: int | None = None, scorer: bool = False) -> dict[str, int]:
+  """Per-request FLOPs of pruned generation, by stage, as `gripjax.inference` runs it.
+
+  Returns:
+    dict with vision (the tower's feature layers + projector), scorer (0 unless `scorer`), prefill,
+    decode (all m - 1 steps) and total.
+  """
+  vision = vision_flops(config, vision_feature_layers(config))
+  agent = scorer_flops(config, text_len) if scorer else 0
+  prefill = prefill_flops(config, kept_tokens, text_len, vocab_size)
+  decode = generate_flops(config, kept_tokens, text_len, new_tokens, vocab_size) - prefill
+  return {'vision': vision, 'scorer': agent, 'prefill': prefill, 'decode': decode,
+          'total': vision + agent + prefill + decode}

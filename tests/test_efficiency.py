@@ -1,0 +1,119 @@
+"""Analytic FLOPs and KV-cache bytes against hand computations for the smoke config.
+
+Run: .venv/bin/python -m pytest -q tests/test_efficiency.py
+
+Smoke geometry (configs/gripbench_tiny.py:smoke): ViT 48 px / patch 8 -> N = 36 patches, width 32,
+depth 2, MLP 64, feature_layer -2 (1 layer feeds the projector), projector hidden 32; LM width 32,
+depth 2, 2 query heads and 1 KV head (Dh = 16), MLP 64. The vocabulary is passed as V = 60.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gripjax.eval import efficiency
+from gripjax.models import scorer as scorer_lib
+from gripjax.models import vlm as vlm_lib
+from tests.helpers import load_config
+
+V = 60
+
+
+@pytest.fixture(scope='module')
+def config():
+  return load_config('gripbench_tiny', 'smoke')
+
+
+def lm_layer_by_hand(length, context):
+  # q, o: 32x32 each; k, v: 32x16 each -> 96 columns per token; SwiGLU: 3 matmuls of 32x64;
+  # attention: scores and weighted values, 2 * 2 * L * C * 32.
+  return 2 * length * 32 * 96 + 2 * length * 32 * 64 * 3 + 2 * 2 * length * context * 32
+
+
+def test_prefill_flops(config):
+  # <bos> + 9 visual + 16 text = 26 slots; 2 layers; LM head on the last slot: 2 * 32 * 60.
+  by_hand = 2 * (6144 * 26 + 12288 * 26 + 128 * 26 * 26) + 3840
+  assert by_hand == 2 * lm_layer_by_hand(26, 26) + 2 * 32 * V == 1135360
+  assert efficiency.prefill_flops(config, 9, 16, V) == by_hand
+
+
+def test_kv_cache_bytes(config):
+  # S = 1 + 36 + 16 + 4 = 57 slots; per slot and layer: k and v of 1 head x 16 values.
+  assert efficiency.cache_len(36, 16, 4) == 57
+  assert efficiency.kv_cache_bytes(config, 36, 16, 4) == 2 * 2 * 57 * 1 * 16 * 4 == 14592  # float32
+  assert efficiency.kv_cache_bytes(config, 36, 16, 4, dtype_bytes=2) == 7296
+  assert efficiency.kv_cache_bytes(config, 9, 16, 4) == 2 * 2 * 30 * 16 * 4  # 9 kept: S = 30
+  config = config.copy_and_resolve_references()
+  config.model.dtype = 'bfloat16'
+  assert efficiency.kv_cache_bytes(config, 36, 16, 4) == 7296
+
+
+def test_kv_cache_bytes_equal_the_cache_generation_allocates(config):
+  """Bytes of the cache pytree `VLM.prefill` returns (abstract: nothing runs)."""
+  model = vlm_lib.make_vlm(config.model, V)
+  variables = jax.eval_shape(functools.partial(vlm_lib.init_params, model), jax.random.PRNGKey(0))
+  k, t, m = 9, 16, 4
+  visual = jax.ShapeDtypeStruct((1, k, 32), jnp.float32)
+  index = jax.ShapeDtypeStruct((1, k), jnp.int32)
+  valid = jax.ShapeDtypeStruct((1, k), jnp.bool_)
+  ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  text_valid = jax.ShapeDtypeStruct((1, t), jnp.bool_)
+  _, cache = jax.eval_shape(
+      lambda *a: model.apply(*a, 'keep', 1 + k + t + m, method=vlm_lib.VLM.prefill),
+      variables, visual, index, valid, ids, text_valid)
+  nbytes = sum(x.size * x.dtype.itemsize for layer in cache['layers'] for x in layer.values())
+  assert nbytes == efficiency.kv_cache_bytes(config, k, t, m)
+
+
+def test_decode_and_generate_flops(config):
+  # k = 9, T = 16, m = 4: S = 30 slots; each decode step runs one token against all 30.
+  per_token = 2 * (6144 + 12288 + 128 * 30) + 3840
+  assert per_token == 2 * lm_layer_by_hand(1, 30) + 2 * 32 * V == 48384
+  assert efficiency.decode_token_flops(config, 9, 16, 4, V) == per_token
+  assert efficiency.decode_token_flops(config, 9, 16, 4, V) == efficiency.decode_flops(config, 29, V)
+  # The first token comes from prefill; 3 decode steps follow.
+  assert efficiency.generate_flops(config, 9, 16, 4, V) == 1135360 + 3 * per_token
+  assert efficiency.generate_flops(config, 9, 16, 1, V) == 1135360
+
+
+def test_vision_flops(config):
+  # 36 patches of 8 * 8 * 3 values -> width 32; 37 slots with [CLS]; MLP 64; projector 32 -> 32 -> 32.
+  patch = 2 * 36 * 192 * 32
+  layer = 2 * 37 * 32 * 4 * 32 + 2 * 37 * 32 * 64 * 2 + 2 * 2 * 37 * 37 * 32
+  proj = 2 * 36 * (32 * 32 + 32 * 32)
+  assert (patch, layer, proj) == (442368, 781440, 147456)
+  assert efficiency.vision_flops(config) == patch + 2 * layer + proj  # both layers (HF's tower)
+  assert efficiency.vision_feature_layers(config) == 1  # feature_layer -2 of 2 layers
+  assert efficiency.vision_flops(config, 1) == patch + layer + proj == 1371264
+
+
+def test_request_flops(config):
+  out = efficiency.request_flops(config, 9, 16, 4, V, scorer=True)
+  assert out['vision'] == 1371264
+  assert out['scorer'] == scorer_lib.scorer_flops(config, 36, 16) == efficiency.scorer_flops(config, 16)
+  assert out['prefill'] == 1135360 and out['decode'] == 3 * 48384
+  assert out['total'] == sum(v for key, v in out.items() if key != 'total')
+  assert efficiency.request_flops(config, 9, 16, 4, V)['scorer'] == 0
+
+
+def test_scorer_flops_by_hand(config):
+  # D = 32 (LM width), d = 64 (agent width), N = 36, T = 16, 17 rho features, 1 block, MLP ratio 2.
+  d, n, t = 64, 36, 16
+  proj = 2 * n * 32 * d + 2 * t * 32 * d
+  cond = 2 * 17 * d + 2 * d * d * 2 + 2 * (2 * d * 2 * d)
+  cross = 2 * n * d * d * 2 + 2 * 2 * t * d * d + 2 * 2 * n * t * d
+  block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * 2 * d
+  assert efficiency.scorer_flops(config, t) == proj + cond + cross + block + 2 * n * d
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda c: efficiency.kv_cache_bytes(c, -1, 16, 4), 'kept_tokens=-1'),
+    (lambda c: efficiency.kv_cache_bytes(c, 9, 16, 4, dtype_bytes=0), 'dtype_bytes=0'),
+    (lambda c: efficiency.generate_flops(c, 9, 16, 0, V), 'new_tokens=0'),
+    (lambda c: efficiency.vision_flops(c, 3), 'layers=3'),
+])
+def test_bad_arguments(config, call, match):
+  with pytest.raises(ValueError, match=match):
+    call(config)
