@@ -76,7 +76,13 @@ def test_eval_writes_results_and_report(tmp_path, pretrained, data_dir):
   assert k['fastervlm'] == 9 and k['fastv'] == 9  # ceil(0.25 * 36)
   flops = {r['method']: r['prefill_flops'] for r in rows if r['position_mode'] == 'keep'}
   assert flops['blind'] < flops['fastervlm'] < flops['fastv'] < flops['full']
-  assert (tmp_path / 'eval' / 'report.md').exists()
+  by = {(r['method'], r['position_mode']): r for r in rows}
+  fastv = by['fastv', 'keep']['examples']
+  assert fastv['index'] == [0, 1, 2, 3] and all(len(kept) == 9 for kept in fastv['kept'])
+  assert by['blind', 'keep']['examples']['kept'] == [[]] * 4
+  report = (tmp_path / 'eval' / 'report.md').read_text()
+  for name in ('frontier.png', 'per_task.png', 'kept_patches.png'):
+    assert (tmp_path / 'eval' / name).stat().st_size > 1000 and f']({name})' in report
 
 
 def test_unknown_method_fails_naming_known_ones(tmp_path):

@@ -116,6 +116,15 @@ def _score(logits, index, valid, batch):
   return correct, recall, index
 
 
+def _kept_lists(method, index, n, count):
+  """Kept patch indices (sorted, unique) of the first `count` examples of a batch."""
+  if method == 'blind':
+    return [[] for _ in range(count)]
+  if method in ('full', 'shuffled'):
+    return [list(range(n)) for _ in range(count)]
+  return [sorted(set(int(j) for j in index[e])) for e in range(count)]
+
+
 def _jobs(methods, budgets, position_modes):
   jobs = []
   for mode in position_modes:
@@ -164,6 +173,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   total = len(source) if num_examples is None else min(num_examples, len(source))
   bar = tqdm(total=len(jobs) * -(-total // config.eval.batch_size), desc='eval',
              disable=not progress, mininterval=2.0)
+  pictures = config.eval.picture_examples
   for i, batch in enumerate(batches):
     valid = batch['valid']
     arrays = {key: jnp.asarray(v) for key, v in batch.items() if key != 'valid'}
@@ -172,9 +182,12 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     rng = jax.random.PRNGKey(config.seed * 100003 + i)
     for job in jobs:
       t0 = time.time()
-      c, r, _ = steps[job](params, enc, arrays, rng)
+      c, r, index = steps[job](params, enc, arrays, rng)
       c = np.asarray(c)
       results[job]['seconds'] += time.time() - t0
+      if i == 0 and pictures:  # Kept patches of the first examples, for the report's pictures.
+        results[job]['example_kept'] = _kept_lists(job[0], np.asarray(index), n,
+                                                   min(pictures, int(valid.sum())))
       results[job]['correct'].append(c[valid])
       results[job]['recall'].append(np.asarray(r)[valid])
       bar.update(1)
@@ -200,6 +213,13 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         # Time of the pruner plus the LM on this machine, compile of the first batch included.
         'seconds': round(results[job]['seconds'], 3),
     })
+    if 'example_kept' in results[job]:
+      # Test examples 0, 1, ... are a pure function of the data config: enough to redraw them.
+      rows[-1]['examples'] = {
+          'split': 'test', 'seed': config.data.seed, 'image_size': config.model.vit.image_size,
+          'patch_size': config.model.vit.patch_size,
+          'index': list(range(len(results[job]['example_kept']))),
+          'kept': results[job]['example_kept']}
     logging.info('eval %s', json.dumps(rows[-1]))
   return rows
 

@@ -25,28 +25,56 @@ def table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def plot_frontier(rows, path: str) -> str | None:
-  """Accuracy against kept visual tokens, one line per (method, position mode)."""
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  return plt
+
+
+def _curves(rows, mode=None):
+  """{(method, mode): rows sorted by kept tokens}, optionally for one position mode."""
   groups = {}
   for r in rows:
-    groups.setdefault((r['method'], r['position_mode']), []).append(r)
-  for (method, mode), rs in sorted(groups.items()):
-    rs = sorted(rs, key=lambda r: r['kept_tokens'])
+    if mode is None or r['position_mode'] == mode:
+      groups.setdefault((r['method'], r['position_mode']), []).append(r)
+  return {key: sorted(rs, key=lambda r: r['kept_tokens']) for key, rs in sorted(groups.items())}
+
+
+def _draw_curves(ax, curves, value):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  methods = sorted({m for m, _ in curves})
+  palette = matplotlib.colormaps['tab20'].colors
+  color = {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(methods)}
+  ticks = set()
+  for (method, mode), rs in curves.items():
     xs = [max(r['kept_tokens'], 0.5) for r in rs]
-    ys = [100 * r['accuracy'] for r in rs]
+    ys = [value(r) for r in rs]
     if len(rs) == 1:
-      ax.axhline(ys[0], ls=':', lw=1, label=f'{method} ({mode})', color='gray' if method != 'full' else 'k')
+      ax.axhline(ys[0], ls=':', lw=1, label=f'{method} ({mode})',
+                 color='k' if method == 'full' else 'gray')
     else:
-      ax.plot(xs, ys, marker='o', ls='-' if mode == 'keep' else '--', label=f'{method} ({mode})')
+      ticks.update(xs)
+      ax.plot(xs, ys, marker='o', ms=3, ls='-' if mode == 'keep' else '--', color=color[method],
+              label=f'{method} ({mode})')
   ax.set_xscale('log')
+  if ticks:
+    ax.set_xticks(sorted(ticks), [f'{t:g}' for t in sorted(ticks)])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel('kept visual tokens')
+
+
+def plot_frontier(rows, path: str) -> str | None:
+  """Accuracy against kept visual tokens, one line per (method, position mode)."""
+  plt = _pyplot()
+  if plt is None:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  _draw_curves(ax, _curves(rows), lambda r: 100 * r['accuracy'])
   ax.set_ylabel('accuracy (%)')
   ax.set_title('GRIP-Bench test: accuracy vs kept tokens')
   ax.legend(fontsize=7, ncol=2)
@@ -56,16 +84,95 @@ def plot_frontier(rows, path: str) -> str | None:
   return path
 
 
+def plot_per_task(rows, path: str, mode: str = 'keep') -> str | None:
+  """One panel per task family: accuracy against kept tokens in position mode `mode`."""
+  plt = _pyplot()
+  tasks = sorted({t for r in rows for t in r['per_task']})
+  curves = _curves(rows, mode)
+  if plt is None or not tasks or not curves:
+    return None
+  fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), sharey=True)
+  axes = [axes] if len(tasks) == 1 else list(axes)
+  for ax, task in zip(axes, tasks):
+    _draw_curves(ax, curves, lambda r, t=task: 100 * r['per_task'].get(t, float('nan')))
+    ax.set_title(task)
+  axes[0].set_ylabel('accuracy (%)')
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=7, ncol=min(len(labels), 7), loc='lower center')
+  fig.tight_layout(rect=(0, 0.12, 1, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_kept_patches(rows, path: str, mode: str = 'keep') -> str | None:
+  """The kept patches of each method at its smallest budget over the first test examples.
+
+  Dropped patches are darkened; the answer region is outlined in cyan. The images are redrawn from
+  the data config stored in the rows (GRIP-Bench examples are a pure function of it).
+  """
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
+  picked = {}
+  for r in rows:
+    if r['position_mode'] != mode or not r.get('examples') or r['method'] in ('full', 'shuffled'):
+      continue
+    best = picked.get(r['method'])
+    if best is None or r['kept_tokens'] < best['kept_tokens']:
+      picked[r['method']] = r
+  if plt is None or not picked:
+    return None
+  methods = sorted(picked, key=lambda m: (m != 'blind', m))
+  ex = picked[methods[0]]['examples']
+  count = min(len(picked[m]['examples']['kept']) for m in methods)
+  renders = [scenes.render_example(ex['seed'], ex['split'], i, ex['image_size'], ex['patch_size'])
+             for i in ex['index'][:count]]
+  p = ex['patch_size']
+  grid = ex['image_size'] // p
+  fig, axes = plt.subplots(len(methods), count, figsize=(1.9 * count, 1.9 * len(methods)),
+                           squeeze=False)
+  for row, method in enumerate(methods):
+    r = picked[method]
+    for col, example in enumerate(renders):
+      keep = set(r['examples']['kept'][col])
+      image = example['image'].astype('float32') / 255.0
+      for patch in range(grid * grid):
+        if patch not in keep:
+          y, x = divmod(patch, grid)
+          image[y * p:(y + 1) * p, x * p:(x + 1) * p] *= 0.2
+      ax = axes[row][col]
+      ax.imshow(image, interpolation='nearest')
+      for patch in example['region']:
+        y, x = divmod(int(patch), grid)
+        ax.add_patch(plt.Rectangle((x * p - 0.5, y * p - 0.5), p, p, fill=False, ec='cyan', lw=1))
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(f"{example['question']}\n-> {example['answer']}", fontsize=6)
+      if col == 0:
+        ax.set_ylabel(f"{method}\n{r['kept_tokens']} kept", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def write_report(results_path: str, out_dir: str) -> str:
   """Writes `out_dir/report.md` (and plots) from results.json; returns the report's path."""
   with open(results_path) as f:
     rows = json.load(f)
-  plot = plot_frontier(rows, os.path.join(out_dir, 'frontier.png'))
   lines = ['# GRIP-Bench evaluation', '',
            f'Made from `{os.path.basename(results_path)}` ({len(rows)} rows).', '',
            table(rows), '']
-  if plot:
-    lines += ['![accuracy vs kept tokens](frontier.png)', '']
+  plots = (
+      (plot_frontier, 'frontier.png', 'accuracy vs kept tokens'),
+      (plot_per_task, 'per_task.png', 'accuracy per task family vs kept tokens (keep mode)'),
+      (plot_kept_patches, 'kept_patches.png',
+       'kept patches at the smallest budget (dropped patches darkened, answer region in cyan)'),
+  )
+  for plot, name, caption in plots:
+    if plot(rows, os.path.join(out_dir, name)):
+      lines += [f'## {caption[0].upper() + caption[1:]}', '', f'![{caption}]({name})', '']
   path = os.path.join(out_dir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))

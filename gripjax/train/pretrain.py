@@ -138,7 +138,8 @@ def curriculum_keep(rng, patch_digit, background_keep):
 
 
 def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, question_weight=0.0,
-             probe=None, probe_params=None, probe_slots=0, probe_weight=0.0):
+             probe=None, probe_params=None, probe_slots=0, probe_weight=0.0, ground_weight=0.0,
+             ground_heads=0, word_targets=None):
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   b, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -148,7 +149,25 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   variables = {'params': params}
   h, positions, key_valid = vlm.apply(variables, visual, index, valid, text, text_valid,
                                       position_mode, method='assemble')
-  h, _ = vlm.apply(variables, h, positions, key_valid, 0, _llm_depth(vlm), method='run_layers')
+  depth = _llm_depth(vlm)
+  l_ground = l_word = jnp.zeros(())
+  if ground_weight > 0 and ground_heads > 0 and depth > 1:
+    # Layer by layer so every layer's attention can be read; the <sep> slot (which predicts the
+    # answer) is the second to last.
+    has_region = batch['region_mask'].any(axis=1)  # (B,) "no" answers and zero counts have none
+    per_layer = []
+    for i in range(depth):
+      h, attn = vlm.apply(variables, h, positions, key_valid, i, i + 1, i, method='run_layers')
+      if i == 0 and word_targets is not None:
+        l_word = _word_ground_loss(attn[:, :ground_heads], batch, word_targets, n)
+      if i >= 1:
+        to_visual = attn[:, :ground_heads, -2, 1:1 + n]  # (B, Hg, N)
+        mass = jnp.sum(to_visual * batch['region_mask'][:, None, :], axis=-1)  # (B, Hg)
+        per_layer.append(-jnp.log(mass + 1e-6).mean(axis=1))  # (B,)
+    l_ground = jnp.sum(jnp.stack(per_layer).mean(axis=0) * has_region) / jnp.maximum(
+        has_region.sum(), 1)
+  else:
+    h, _ = vlm.apply(variables, h, positions, key_valid, 0, depth, method='run_layers')
   logits = vlm.apply(variables, h, method='logits')  # (B, 1+N+T+1, V)
   l_probe = jnp.zeros(())
   if probe is not None and probe_slots > 0:
@@ -167,10 +186,51 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   q_mask = batch['question_valid'][:, :-1] & batch['question_valid'][:, 1:]  # (B, T-1)
   l_question = optax.softmax_cross_entropy_with_integer_labels(q_logits, batch['question_ids'][:, 1:])
   l_question = jnp.sum(l_question * q_mask) / jnp.maximum(q_mask.sum(), 1)
-  loss = jnp.mean(l_answer + 0.1 * l_eos) + question_weight * l_question + probe_weight * l_probe
-  metrics = {'loss': loss, 'question_loss': l_question, 'probe_loss': l_probe, 'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
+  loss = (jnp.mean(l_answer + 0.1 * l_eos) + question_weight * l_question + probe_weight * l_probe
+          + ground_weight * (l_ground + l_word))
+  metrics = {'loss': loss, 'question_loss': l_question, 'probe_loss': l_probe,
+             'ground_loss': l_ground, 'word_ground_loss': l_word,
+             'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
              'visual_norm': jnp.mean(jnp.linalg.norm(visual, axis=-1))}
   return loss, metrics
+
+
+def word_ground_targets(tok, num_colors):
+  """(digit (V,), color (V,)) int32: the digit / colour each token names, -1 for other tokens."""
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  digit = [-1] * tok.vocab_size
+  color = [-1] * tok.vocab_size
+  for d, word in enumerate(scenes.DIGIT_WORDS):
+    digit[tok.word_id(word)] = d
+  for c, word in enumerate(scenes.COLORS[:num_colors]):
+    color[tok.word_id(word)] = c
+  return jnp.asarray(digit, jnp.int32), jnp.asarray(color, jnp.int32)
+
+
+def _word_ground_loss(attn, batch, word_targets, n):
+  """Layer-0 grounding of question words: a digit or colour word attends to the patches it names.
+
+  Args:
+    attn: (B, G, L, L) attention probs of the supervised heads, L = 1 + N + T + 1.
+    batch: with question_ids (B, T), patch_digit (B, N), patch_color (B, N).
+    word_targets: `word_ground_targets(...)`.
+    n: visual tokens N.
+  Returns:
+    Mean over (word slots that name a digit or colour present in the image) of -log(attention mass
+    on its patches), averaged over the heads.
+  """
+  digit_of, color_of = word_targets
+  ids = batch['question_ids']  # (B, T)
+  t = ids.shape[1]
+  d = digit_of[ids]  # (B, T)
+  c = color_of[ids]  # (B, T)
+  target = ((d[:, :, None] >= 0) & (batch['patch_digit'][:, None, :] == d[:, :, None])) | (
+      (c[:, :, None] >= 0) & (batch['patch_color'][:, None, :] == c[:, :, None]))  # (B, T, N)
+  to_visual = attn[:, :, -(t + 1):-1, 1:1 + n]  # (B, G, T, N): question slots -> visual tokens
+  mass = jnp.sum(to_visual * target[:, None], axis=-1)  # (B, G, T)
+  nll = -jnp.log(mass + 1e-6).mean(axis=1)  # (B, T)
+  has = target.any(axis=-1)  # (B, T)
+  return jnp.sum(nll * has) / jnp.maximum(has.sum(), 1)
 
 
 def _llm_depth(vlm) -> int:
@@ -227,6 +287,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, head_rng = jax.random.split(rng)
   params = runtime.init_params(vlm, init_rng)
+  if pc.init_vision_from:
+    # Start from a trained vision tower (for instance the shipped VLM's) instead of random weights.
+    params = dict(params, vision=runtime.load_vlm_params(config, vlm, pc.init_vision_from)['vision'])
   heads = VisionHeads(11, num_colors + 1, runtime.max_objects(),
                       config.model.vit.image_size // config.model.vit.patch_size)
   n = runtime.num_visual_tokens(config)
@@ -271,6 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return new, metrics
 
   curriculum_steps = int(pc.token_curriculum * pc.lm_steps)
+  word_targets = word_ground_targets(tok, num_colors) if pc.word_ground else None
 
   @functools.partial(jax.jit, donate_argnums=0)
   def lm_step(state, batch):
@@ -287,7 +351,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def loss_fn(trainable):
       return _lm_loss(vlm, dict(trainable['vlm'], vision=frozen), batch, tok.eos_id,
                       config.model.position_mode, visual_valid, pc.question_loss_weight,
-                      probe, trainable['probe'], pc.probe_slots, pc.probe_weight)
+                      probe, trainable['probe'], pc.probe_slots, pc.probe_weight,
+                      pc.ground_weight, pc.ground_heads, word_targets)
     trainable = {'vlm': {k: v for k, v in state['params'].items() if k != 'vision'},
                  'probe': state['probe']}
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
