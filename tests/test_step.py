@@ -65,13 +65,18 @@ def build(config, tx=None, mesh=None, seed=0):
   scorer = scorer_lib.make_scorer(config)
   tx = tx or step_lib.make_optimizer(config)
   init = step_lib.make_init(scorer, tx, config, N, config.model.llm.width, T)
+  rng = jax.random.PRNGKey(seed)
   if mesh is None:
-    state = jax.jit(init, compiler_options=FAST)(jax.random.PRNGKey(seed))
-  else:
-    rep = sharding.replicated(mesh)
-    state = jax.jit(init, out_shardings=rep, compiler_options=FAST)(jax.random.PRNGKey(seed))
-    vlm_params = jax.device_put(vlm_params, rep)
-  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh, compiler_options=FAST)
+    state = jax.jit(init, compiler_options=FAST)(rng)
+    train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh, compiler_options=FAST)
+    return vlm, vlm_params, scorer, state, train_step
+  # The trainer's placement: config.train.sharding rules for the state and the VLM params.
+  state_sh = step_lib.state_shardings(jax.eval_shape(init, rng), mesh, config)
+  vlm_sh = step_lib.vlm_param_shardings(vlm_params, mesh, config)
+  state = jax.jit(init, out_shardings=state_sh, compiler_options=FAST)(rng)
+  vlm_params = jax.device_put(vlm_params, vlm_sh)
+  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh, compiler_options=FAST,
+                                        state_sharding=state_sh, vlm_sharding=vlm_sh)
   return vlm, vlm_params, scorer, state, train_step
 
 
@@ -144,17 +149,24 @@ def _nan_for_first(logits, target):
   return r.at[0, 0].set(jnp.nan)
 
 
-def run_two_steps(devices=None):
+def run_two_steps(devices=None, mesh_spec=(('data', -1),), strategy='replicate'):
   """Steps 0 (warm-up) and 1 (GRPO) with one NaN reward; devices None: no mesh (one device).
+
+  With devices: the mesh `mesh_spec` over them, and `strategy` for both the VLM params and the
+  agent's state (every leaf of at least 256 scalars is split under fsdp).
 
   Plain SGD: Adam's first step is lr * sign(g), which turns rounding noise in a near-zero gradient
   into a full-size update and would hide what the sharding test checks (equal losses and gradients).
   """
   with pytest.MonkeyPatch.context() as mp:
     mp.setitem(rewards_lib.REWARDS, 'nan_first', _nan_for_first)
-    config = tiny_config(reward='nan_first')
+    config = tiny_config(reward='nan_first', mesh=mesh_spec)
+    config.train.sharding.update(
+        dict(vlm_params=strategy, agent_params=strategy, fsdp_min_size=256))
     mesh = None if devices is None else sharding.make_mesh(config, devices)
     _, vlm_params, _, state, train_step = build(config, optax.sgd(0.1), mesh)
+    if mesh is not None:
+      split = {'state': _split_leaves(state.params), 'vlm': _split_leaves(vlm_params)}
   batch = fake_batch(8)
   batch = {k: jnp.asarray(v) for k, v in batch.items()} if mesh is None else sharding.shard_batch(batch, mesh)
   history, metrics, ref_at_rl = [host(state.params)], [], None
@@ -165,7 +177,14 @@ def run_two_steps(devices=None):
     history.append(host(state.params))
     if int(state.step) == 2:
       ref_at_rl = (before, host(state.ref_params))
+  if mesh is not None:
+    ref_at_rl = split  # The sharded runs report which leaves were split instead.
   return train_step, state, metrics, history, ref_at_rl
+
+
+def _split_leaves(tree) -> int:
+  """Leaves of `tree` split over at least one mesh axis."""
+  return sum(any(e is not None for e in x.sharding.spec) for x in jax.tree.leaves(tree))
 
 
 @pytest.fixture(scope='module')
@@ -220,27 +239,43 @@ def test_validate_config_names_the_field():
 
 # --- Sharded == single device (8 fake CPU devices, in a subprocess). -----------------------------
 
+# (mesh, strategy of the VLM params and the agent's state) of each sharded run.
+SHARDED_RUNS = {'data8': ((('data', -1),), 'replicate'),
+                'data4_fsdp2': ((('data', 4), ('fsdp', 2)), 'fsdp')}
+
+
 def sharded_main():
-  """The two steps on an 8-device mesh; prints losses and params (run with 8 fake CPU devices)."""
+  """The two steps on each 8-device mesh of SHARDED_RUNS; writes params, prints losses as JSON."""
   assert jax.device_count() == 8, jax.devices()
-  train_step, _, metrics, history, _ = run_two_steps(jax.devices())
-  np.savez(sys.argv[1], *jax.tree.leaves(history[-1]))
-  print(json.dumps({'loss': [float(m['loss']) for m in metrics], 'compiles': train_step._cache_size()}))
+  out = {}
+  for name, (mesh_spec, strategy) in SHARDED_RUNS.items():
+    train_step, _, metrics, history, split = run_two_steps(jax.devices(), mesh_spec, strategy)
+    np.savez(f'{sys.argv[1]}.{name}.npz', *jax.tree.leaves(history[-1]))
+    out[name] = {'loss': [float(m['loss']) for m in metrics], 'compiles': train_step._cache_size(),
+                 'split': split}
+  print(json.dumps(out))
 
 
 def test_sharded_equals_single_device(two_steps, tmp_path):
+  """Data-parallel (data=8) and FSDP (data=4, fsdp=2) steps equal the one-device step."""
   _, _, metrics, history, _ = two_steps
-  out = str(tmp_path / 'params.npz')
+  out = str(tmp_path / 'params')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   code = 'import sys; from tests.test_step import sharded_main; sharded_main()'
   r = subprocess.run([sys.executable, '-c', code, out], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
-  assert res['compiles'] == 1
-  np.testing.assert_allclose(res['loss'], [float(m['loss']) for m in metrics], atol=1e-5)
-  sharded = np.load(out)
+  assert set(res) == set(SHARDED_RUNS)
   single = jax.tree.leaves(history[-1])
-  assert len(sharded.files) == len(single)
-  for i, x in enumerate(single):
-    np.testing.assert_allclose(sharded[f'arr_{i}'], x, atol=1e-5)
+  for name, run in res.items():
+    assert run['compiles'] == 1, name
+    np.testing.assert_allclose(run['loss'], [float(m['loss']) for m in metrics], atol=1e-5,
+                               err_msg=name)
+    sharded = np.load(f'{out}.{name}.npz')
+    assert len(sharded.files) == len(single)
+    for i, x in enumerate(single):
+      np.testing.assert_allclose(sharded[f'arr_{i}'], x, atol=1e-5, err_msg=f'{name} leaf {i}')
+  assert res['data8']['split'] == {'state': 0, 'vlm': 0}
+  # Under fsdp the big kernels of both trees really are split over the 'fsdp' axis.
+  assert res['data4_fsdp2']['split']['state'] > 0 and res['data4_fsdp2']['split']['vlm'] > 0

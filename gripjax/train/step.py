@@ -1,8 +1,12 @@
 """The agent's one jitted train step: supervised warm-up, then GRPO, chosen by the step counter.
 
-  state = jax.jit(make_init(scorer, tx, config, n, d, t), out_shardings=...)(jax.random.PRNGKey(0))
-  train_step = make_train_step(vlm, scorer, tx, config, mesh)
-  state, metrics = train_step(state, batch, vlm_params)   # state is donated
+  init = make_init(scorer, tx, config, n, d, t)
+  state_sh = state_shardings(jax.eval_shape(init, rng), mesh, config)   # config.train.sharding
+  vlm_sh = vlm_param_shardings(vlm_params, mesh, config)
+  state = jax.jit(init, out_shardings=state_sh)(rng)
+  train_step = make_train_step(vlm, scorer, tx, config, mesh, state_sharding=state_sh,
+                               vlm_sharding=vlm_sh)
+  state, metrics = train_step(state, batch, jax.device_put(vlm_params, vlm_sh))  # state is donated
 
 Phases (one compiled function; `jax.lax.cond` on `state.step`, so the switch never recompiles):
 
@@ -138,6 +142,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _int(config, 'train.loo_chunk')
   _int(config, 'train.log_every')
   _int(config, 'train.checkpoint_every')
+  if 'checkpoint_keep' in t:
+    _int(config, 'train.checkpoint_keep')
   mesh = t.mesh
   ok = isinstance(mesh, tuple) and mesh and all(
       isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)
@@ -173,6 +179,28 @@ def make_init(scorer, tx, config, n_tokens: int, d_model: int, text_len: int) ->
                       ref_params=params, rng=state_rng)
 
   return init
+
+
+# --- Shardings (config.train.sharding). ----------------------------------------------------------
+
+def state_shardings(abstract_state: TrainState, mesh, config) -> TrainState:
+  """A NamedSharding per leaf of the train state, by the rules of `train.sharding.agent_params`.
+
+  params, opt_state and ref_params follow the rules (optimizer moments sit under paths that end in
+  their param's path, so the same rules name them); step and rng stay replicated.
+  """
+  from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
+  rules = sharding.rules_from_config(config, 'agent_params')
+  out = sharding.param_shardings(abstract_state, mesh, rules)
+  rep = sharding.replicated(mesh)
+  return out.replace(step=rep, rng=rep)
+
+
+def vlm_param_shardings(vlm_params, mesh, config):
+  """A NamedSharding per leaf of the frozen VLM's params, by `train.sharding.vlm_params`."""
+  from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
+  rules = sharding.rules_from_config(config, 'vlm_params')
+  return sharding.param_shardings(vlm_params, mesh, rules)
 
 
 # --- The step. -----------------------------------------------------------------------------------
@@ -230,7 +258,8 @@ def grpo_objective(logits, ref_logits, orders, order_valid, reward, clip_eps, kl
 
 
 def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
-                    compiler_options: dict | None = None) -> Callable:
+                    compiler_options: dict | None = None, state_sharding=None,
+                    vlm_sharding=None) -> Callable:
   """Builds `train_step(state, batch, vlm_params) -> (state, metrics)`.
 
   Args:
@@ -238,11 +267,14 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
     scorer: the `BudgetAwareScorer`.
     tx: optax transformation of the scorer params (`make_optimizer`).
     config: the full config (reads `train` and `model.position_mode`).
-    mesh: optional mesh with a 'data' axis: batch rows and rollouts are split over it, state and
-      VLM params replicated. None: no sharding annotations (one device).
+    mesh: optional mesh with a 'data' axis: batch rows and rollouts are split over it. None: no
+      sharding annotations (one device).
     jit: False returns the plain Python function (for debugging).
     compiler_options: passed to `jax.jit`, e.g. {'xla_backend_optimization_level': 0} for compiles
       about 3x faster on CPU in tests.
+    state_sharding: with a mesh, the TrainState's shardings (`state_shardings`; in and out, so the
+      donated buffers are reused); None: replicated.
+    vlm_sharding: with a mesh, the VLM params' shardings (`vlm_param_shardings`); None: replicated.
 
   Returns:
     A jitted function donating `state`. `batch` needs pixels, question_ids, question_valid and
@@ -341,8 +373,11 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
     return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
   from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
   rep = sharding.replicated(mesh)
+  state_sharding = rep if state_sharding is None else state_sharding
+  vlm_sharding = rep if vlm_sharding is None else vlm_sharding
   return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options,
-                 in_shardings=(rep, sharding.data_sharding(mesh), rep), out_shardings=(rep, rep))
+                 in_shardings=(state_sharding, sharding.data_sharding(mesh), vlm_sharding),
+                 out_shardings=(state_sharding, rep))
 
 
 # --- Inference: the agent as a pruner. -----------------------------------------------------------
