@@ -123,6 +123,7 @@ def get_config(arg=None):
   c.train.loo_chunk = 16  # 'loo' teacher: leave-one-out forwards run this many tokens at a time.
   c.train.log_every = 10  # Steps between metrics lines (WORKDIR/metrics.jsonl).
   c.train.checkpoint_every = 50  # Steps between Orbax checkpoints (WORKDIR/checkpoints).
+  c.train.checkpoint_keep = 2  # Checkpoints kept (the newest); an older one is the fallback.
   c.train.mesh = (('data', -1),)  # Device mesh: (axis, size) pairs; -1 takes the remaining devices.
   c.train.sharding = sharding.default_sharding_config()  # Param sharding: strategy per tree, rules.
 

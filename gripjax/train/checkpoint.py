@@ -1,7 +1,24 @@
 """Orbax checkpoints: atomic parameter files and a resumable training-state manager.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run killed
-mid-write leaves the previous checkpoint intact; `latest_complete_step` skips anything unfinished.
+mid-write leaves the previous checkpoint intact, and the manager lists complete steps only.
+
+The agent trainer's checkpoints hold two items per step:
+
+  WORKDIR/checkpoints/<step>/state/   the TrainState (params, optimizer state, reference params,
+                                      step, PRNG key), restored into a sharded abstract tree, so a
+                                      run saved on 8 devices restores on 4 (or 1)
+  WORKDIR/checkpoints/<step>/meta/    JSON: the data iterator's position and order (next step, seed,
+                                      batch size, examples), the mesh, and a fingerprint of every
+                                      state leaf
+
+  manager = make_train_manager(directory, max_to_keep=config.train.checkpoint_keep)
+  save_train_state(manager, step, state_tree, meta)            # async; returns once copied to host
+  restored = restore_train_state(manager, abstract_state_tree)  # None, or (step, state, meta)
+
+A checkpoint whose files are truncated or corrupted either fails to read or fails its fingerprint;
+`restore_train_state` logs which and why, falls back to the next older one, and moves the bad ones
+to `<directory>.unusable/` so the resumed run can write those steps again.
 """
 
 from __future__ import annotations
@@ -11,12 +28,22 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+STATE_ITEM = 'state'
+META_ITEM = 'meta'
+
+
+def _abspath(path: str) -> str:
+  """Absolute local paths; bucket URLs (gs://...) as they are."""
+  return str(path) if '://' in str(path) else os.path.abspath(path)
 
 
 def save_params(path: str, params: Any) -> None:
   """Writes a parameter pytree to `path` atomically (replacing an older checkpoint there)."""
-  path = os.path.abspath(path)
+  path = _abspath(path)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, params, force=True)
   checkpointer.wait_until_finished()
@@ -33,8 +60,9 @@ def load_params(path: str, abstract: Any | None = None) -> Any:
   Returns:
     The parameter pytree, as jax arrays.
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = _abspath(path)
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(
         f'checkpoint {path!r} does not exist: expected an Orbax checkpoint directory '
         '(ship one, or train it with --mode=pretrain_vlm)')
@@ -57,7 +85,7 @@ def make_manager(directory: str, max_to_keep: int = 2, save_interval_steps: int 
   """A CheckpointManager over `directory` that keeps the last `max_to_keep` complete checkpoints."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(_abspath(directory), options=options)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[int, Any] | None:
@@ -75,4 +103,158 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
       continue
     logging.info('restored checkpoint at step %d from %s', step, manager.directory)
     return step, state
+  return None
+
+
+# --- The agent trainer's checkpoints: state + JSON metadata, fingerprinted. ----------------------
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory that has some could be restored."""
+
+
+def make_train_manager(directory: str, max_to_keep: int = 2, async_save: bool = True
+                       ) -> ocp.CheckpointManager:
+  """A CheckpointManager of (state, meta) items keeping the last `max_to_keep` complete steps.
+
+  Saves are asynchronous unless `async_save` is False: `save_train_state` returns once the arrays
+  are copied to host memory (so the state may be donated right after) and the files are written in
+  the background; call `manager.wait_until_finished()` before exiting. Leftover temporary
+  directories of a killed run are removed.
+  """
+  if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+    raise ValueError(f'max_to_keep={max_to_keep!r} is invalid: expected an integer >= 1.')
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_abspath(directory), options=options,
+                               item_names=(STATE_ITEM, META_ITEM))
+
+
+def _leaf_fingerprint(x):
+  """(2,) uint32: sum of the leaf's bit patterns, plain and position-weighted, modulo 2**32.
+
+  Integer sums are exact in any order, so the fingerprint of a leaf does not depend on how it is
+  sharded (a checkpoint saved on 8 devices checks out on 4).
+  """
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif x.dtype.itemsize == 1:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  else:  # 8-byte types (with jax_enable_x64): both halves.
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = bits.reshape(-1)
+  weight = jnp.arange(bits.shape[0], dtype=jnp.uint32) % jnp.uint32(65521) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprint(tree: Any) -> dict[str, list[int]]:
+  """{leaf path: [sum, weighted sum] of its bits mod 2**32} for every leaf of `tree` (see above)."""
+  from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
+  values = jax.device_get(_fingerprints(tree))
+  leaves = jax.tree_util.tree_leaves_with_path(values)
+  return {sharding.path_str(path) or '.': [int(v) for v in np.asarray(x)] for path, x in leaves}
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, state: Any,
+                     meta: dict[str, Any] | None = None) -> bool:
+  """Saves `state` (a pytree of arrays) and `meta` (JSON-able) as checkpoint `step`.
+
+  The state's fingerprint is added to the metadata as 'fingerprint'. Returns whether a save
+  started (False when the manager's save policy skips `step`).
+  """
+  meta = dict(meta or {}, step=int(step), fingerprint=fingerprint(state))
+  return manager.save(int(step), args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}))
+
+
+def _check_fingerprint(state, meta) -> None:
+  saved = meta.get('fingerprint') if isinstance(meta, dict) else None
+  if not isinstance(saved, dict):
+    raise ValueError('its metadata has no fingerprint')
+  found = fingerprint(state)
+  if set(found) != set(saved):
+    raise ValueError(f'its leaves {sorted(set(found) ^ set(saved))[:5]} are missing from the state '
+                     'or from the fingerprint')
+  bad = [k for k in found if list(found[k]) != list(saved[k])]
+  if bad:
+    raise ValueError(f'{len(bad)} of {len(found)} arrays do not match the fingerprint saved with '
+                     f'them (first: {bad[0]!r})')
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves unusable checkpoints to `<directory>.unusable/<step>`, so the resumed run can write
+  those steps again (kept, not deleted: a read error may have been transient)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    directory = epath.Path(manager.directory)
+    aside = directory.parent / f'{directory.name}.unusable'
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      dest = aside / str(step)
+      if dest.exists():
+        dest.rmtree()
+      (directory / str(step)).rename(dest)
+      logging.warning('moved the unusable checkpoint at step %d to %s', step, dest)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('gripjax_checkpoint_set_aside')
+  manager.reload()
+
+
+def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, set_aside: bool = True
+                        ) -> tuple[int, Any, dict[str, Any]] | None:
+  """Restores the newest good checkpoint into `abstract_state`; None when there is none.
+
+  Args:
+    manager: from `make_train_manager`.
+    abstract_state: pytree of jax.ShapeDtypeStruct with the shardings to restore into (the current
+      mesh's, whatever mesh the checkpoint was saved from).
+    set_aside: after falling back, move the unusable newer checkpoints to
+      `<directory>.unusable/` (the resumed run saves those steps again).
+
+  Returns:
+    (step, state, meta), or None when the directory has no complete checkpoint.
+
+  Raises:
+    CheckpointError: there are checkpoints but none restores (e.g. the state's shapes changed):
+      starting over would silently discard them, so the run stops and says so.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for i, step in enumerate(steps):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))
+      state, meta = restored[STATE_ITEM], restored[META_ITEM]
+      _check_fingerprint(state, meta)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = ' '.join(f'{type(e).__name__}: {e}'.split())
+      reason = reason if len(reason) <= 400 else reason[:400] + '...'
+      errors.append((step, reason))
+      older = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'no older one left'
+      logging.error('checkpoint at step %d in %s cannot be restored: truncated, corrupted or of '
+                    'another train state (%s); %s', step, manager.directory, reason, older)
+      continue
+    if errors:
+      logging.warning('resuming from step %d: the newer checkpoint(s) %s could not be used', step,
+                      [s for s, _ in errors])
+      if set_aside:
+        _set_aside(manager, [s for s, _ in errors])
+    logging.info('restored checkpoint at step %d from %s', step, manager.directory)
+    return step, state, meta
+  if errors:
+    raise CheckpointError(
+        f'none of the {len(steps)} checkpoints in {manager.directory} (steps {steps}) could be '
+        f'restored; the newest failed with {errors[0][1]}. If the config changed the train state '
+        '(e.g. the agent geometry), use a new --workdir; otherwise delete the bad checkpoints.')
   return None

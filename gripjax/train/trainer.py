@@ -2,16 +2,22 @@
 
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=train_agent --workdir=/tmp/grip
 
-Reads top to bottom: mesh, frozen VLM params (replicated), `jax.eval_shape` of the agent's init,
-resume from `WORKDIR/checkpoints` or `jax.jit(init, out_shardings=...)`, the step compiled ahead of
-time (memory logged), then the loop. Writes
+Reads top to bottom: mesh, frozen VLM params placed by `train.sharding.vlm_params`,
+`jax.eval_shape` of the agent's init and its shardings by `train.sharding.agent_params`, resume from
+`WORKDIR/checkpoints` or `jax.jit(init, out_shardings=...)`, the step compiled ahead of time (memory
+logged), then the loop. Writes
 
-  WORKDIR/checkpoints/   Orbax CheckpointManager of the TrainState (every train.checkpoint_every steps)
+  WORKDIR/checkpoints/   Orbax CheckpointManager (async, the last train.checkpoint_keep steps, every
+                         train.checkpoint_every steps): the TrainState and, as JSON, the data
+                         iterator's position and order (`checkpoint.make_train_manager`)
   WORKDIR/metrics.jsonl  one JSON line per logged step: step, phase, loss and every step metric
   WORKDIR/agent          the final scorer params (`checkpoint.save_params`; load with `load_params`)
 
-A killed run restarted with the same command resumes at its last checkpoint with the same data order
-(`batch_iterator(start_step=step)`) and the same samples (the PRNG key lives in the state).
+A killed run restarted with the same command resumes at its last complete checkpoint with the same
+data order (`batch_iterator(start_step=...)` at the saved position) and the same samples (the PRNG
+key lives in the state), so its final params equal an uninterrupted run's. A truncated or corrupted
+checkpoint is reported and the one before it used. The checkpoint restores into the current mesh's
+shardings, whatever mesh wrote it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from gripjax import config_lib
 from gripjax.models import scorer as scorer_lib
 from gripjax.train import checkpoint as ckpt_lib
 from gripjax.train import sharding
@@ -34,10 +41,79 @@ from gripjax.train import step as step_lib
 BATCH_KEYS = ('pixels', 'question_ids', 'question_valid', 'answer_id')
 
 
-def _to_tree(state: step_lib.TrainState) -> dict[str, Any]:
+def state_tree(state: step_lib.TrainState) -> dict[str, Any]:
   """The state as a plain dict (what Orbax stores)."""
   return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
           'ref_params': state.ref_params, 'rng': state.rng}
+
+
+def _load_vlm_params(config, vlm, mesh):
+  """The frozen VLM's params, read (or initialised) straight into their shardings; and those.
+
+  Placed by `config.train.sharding.vlm_params`, so under fsdp or tensor no device ever holds the
+  whole model. `config.vlm_checkpoint` None: random weights (smoke runs).
+  """
+  from gripjax import runtime  # pylint: disable=g-import-not-at-top
+  rng = jax.random.PRNGKey(config.seed)
+  init = lambda r: runtime.init_params(vlm, r)
+  abstract = jax.eval_shape(init, rng)
+  shardings = step_lib.vlm_param_shardings(abstract, mesh, config)
+  path = config_lib.resolve_path(config.vlm_checkpoint)
+  if path is None:
+    logging.warning('config.vlm_checkpoint is None: using randomly initialised VLM weights')
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  return ckpt_lib.load_params(path, abstract), shardings
+
+
+def _log_bytes(what: str, tree, shardings, rules) -> None:
+  mib = sharding.bytes_per_device(tree, shardings) / 2 ** 20
+  logging.info('train_agent: %s %.3f MiB per device (%s)', what, mib, rules.strategy)
+
+
+def data_position(config, num_examples: int, next_step: int) -> dict[str, Any]:
+  """What fixes the data iterator's next batch: saved with every checkpoint.
+
+  `pipeline.batch_iterator` is a pure function of these, so a resumed run that reads the same
+  values continues with exactly the batches the interrupted run would have read.
+  """
+  return {'next_step': int(next_step), 'seed': int(config.seed), 'shuffle': True,
+          'batch_size': int(config.train.batch_size), 'num_examples': int(num_examples),
+          'process_count': jax.process_count()}
+
+
+def _check_data_position(saved, current, step: int) -> None:
+  """Errors if the saved position disagrees with the state's step; warns if the order changed."""
+  if not isinstance(saved, dict) or saved.get('next_step') != step:
+    raise ckpt_lib.CheckpointError(
+        f'checkpoint at step {step} has data position {saved!r}: expected next_step={step}, the '
+        "state's step.")
+  changed = {k: (saved.get(k), v) for k, v in current.items()
+             if k != 'next_step' and saved.get(k) != v}
+  if changed:
+    logging.warning("train_agent: the data order differs from the interrupted run's, so the "
+                    'resumed run will not reproduce it: %s',
+                    ', '.join(f'{k} was {a!r}, now {b!r}' for k, (a, b) in changed.items()))
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops the rows an interrupted run logged after its checkpoint at `step` (they are redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue  # A line cut short by the kill.
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def _log_memory(compiled) -> None:
@@ -64,12 +140,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t = config.train
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(t.batch_size, mesh)
-  rep = sharding.replicated(mesh)
   is_main = jax.process_index() == 0
+  logging.info('train_agent: mesh %s over %d devices (%d processes)', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
 
   tok = runtime.tokenizer()
   vlm = runtime.make_model(config, tok)
-  vlm_params = jax.device_put(runtime.load_vlm_params(config, vlm), rep)
+  vlm_params, vlm_shardings = _load_vlm_params(config, vlm, mesh)
+  _log_bytes('frozen VLM params', vlm_params, vlm_shardings,
+             sharding.rules_from_config(config, 'vlm_params'))
   train_src = runtime.split_source(config, workdir, 'train')
 
   n = runtime.num_visual_tokens(config)
@@ -82,19 +161,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   init = step_lib.make_init(scorer, tx, config, n, config.model.llm.width, text_len)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+  state_shardings = step_lib.state_shardings(abstract, mesh, config)
+  _log_bytes('agent train state', abstract, state_shardings,
+             sharding.rules_from_config(config, 'agent_params'))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_shardings)
 
-  manager = ckpt_lib.make_manager(os.path.join(workdir, 'checkpoints'), max_to_keep=2)
-  restored = ckpt_lib.restore_latest(manager, _to_tree(abstract))
+  manager = ckpt_lib.make_train_manager(os.path.join(workdir, 'checkpoints'),
+                                        max_to_keep=t.get('checkpoint_keep', 2))
+  restored = ckpt_lib.restore_train_state(manager, state_tree(abstract))
   if restored is None:
-    state = jax.jit(init, out_shardings=rep)(rng)
+    state = jax.jit(init, out_shardings=state_shardings)(rng)
+    start = 0
   else:
     state = step_lib.TrainState(**restored[1])
-  start = int(jax.device_get(state.step))
+    start = int(jax.device_get(state.step))
+    _check_data_position(restored[2].get('data'), data_position(config, len(train_src), start),
+                         start)
   logging.info('train_agent: %s at step %d of %d (warm-up until %d)',
                'resuming' if restored else 'starting', start, t.steps, t.warmup_steps)
 
-  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh)
+  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh,
+                                        state_sharding=state_shardings, vlm_sharding=vlm_shardings)
   batches = pipeline.prefetch(pipeline.batch_iterator(
       train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count()))
@@ -104,12 +192,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   history = []
   t0 = time.time()
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if is_main:
+    _truncate_metrics(metrics_path, start)
   if start < t.steps:
     batch = next_batch()
     compiled = train_step.lower(state, batch, vlm_params).compile()
     logging.info('train_agent: compiled the step in %.1f s', time.time() - t0)
     _log_memory(compiled)
-    metrics_path = os.path.join(workdir, 'metrics.jsonl')
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc='train_agent',
                mininterval=5.0, disable=not is_main)
@@ -131,8 +221,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           with open(metrics_path, 'a') as f:
             f.write(json.dumps(row) + '\n')
       if done % t.checkpoint_every == 0 or last:
-        manager.save(done, args=ckpt_lib.ocp.args.StandardSave(_to_tree(state)))
+        ckpt_lib.save_train_state(manager, done, state_tree(state), {
+            'data': data_position(config, len(train_src), done),
+            'mesh': {k: int(v) for k, v in mesh.shape.items()}})
     manager.wait_until_finished()
+  manager.close()
   out = os.path.join(workdir, 'agent')
   ckpt_lib.save_params(out, state.params)
   logging.info('train_agent: wrote agent params to %s (%.1f s this run)', out, time.time() - t0)
