@@ -127,6 +127,10 @@ def get_config(arg=None):
   c.train.mesh = (('data', -1),)  # Device mesh: (axis, size) pairs; -1 takes the remaining devices.
   c.train.sharding = sharding.default_sharding_config()  # Param sharding: strategy per tree, rules.
 
+  # --- Inference bundle (--mode=export; load with gripjax.load_bundle). ---------------------------
+  c.export = ml_collections.ConfigDict()
+  c.export.dir = ml_collections.FieldReference(None, field_type=str)  # None: WORKDIR/bundle.
+
   if arg == 'smoke':
     _shrink_for_smoke_tests(c)
   return c

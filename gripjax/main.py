@@ -4,6 +4,8 @@
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=demo --workdir=/tmp/grip
   # Train the GRIP agent (warm-up, then GRPO) on the shipped VLM:
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=train_agent --workdir=/tmp/agent
+  # Bundle the VLM and the trained agent (WORKDIR/agent) for inference (gripjax.load_bundle):
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=export --workdir=/tmp/agent
   # Train the tiny VLM from scratch (the recipe of the shipped checkpoint):
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=pretrain_vlm --workdir=/tmp/vlm
   # Evaluate a VLM (full tokens, shuffled images, no image; pruners at every budget):
@@ -27,7 +29,7 @@ from ml_collections import config_flags
 
 from gripjax import config_lib
 
-MODES = ('demo', 'pretrain_vlm', 'train_agent', 'eval', 'validate_config')
+MODES = ('demo', 'pretrain_vlm', 'train_agent', 'eval', 'export', 'validate_config')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                           lock_config=True)
@@ -75,6 +77,13 @@ def main(argv):
   elif mode == 'train_agent':
     from gripjax.train import trainer  # pylint: disable=g-import-not-at-top
     trainer.run(config, workdir)
+  elif mode == 'export':
+    from gripjax import export  # pylint: disable=g-import-not-at-top
+    try:
+      path = export.run(config, workdir)
+    except ValueError as e:
+      sys.exit(f'error: {e}')
+    print(path)
   elif mode in ('eval', 'demo'):
     from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir, demo=(mode == 'demo'))
