@@ -68,17 +68,17 @@ def get_config(arg=None):
   c.pretrain.batch_size = 32  # Examples per step.
   c.pretrain.vision_steps = 800  # Stage 1: vision tower alone on per-patch and image-level heads.
   c.pretrain.vision_lr = 1e-3  # Stage 1 peak learning rate.
-  c.pretrain.lm_steps = 1600  # Stage 2: frozen vision tower; projector + LM on answers.
+  c.pretrain.lm_steps = 2500  # Stage 2: frozen vision tower; projector + LM on answers.
   c.pretrain.lr = 5e-4  # Stage 2 peak learning rate.
-  c.pretrain.lm_cycles = 2  # Stage 2 runs lm_steps this many times (warm-restarted cosine).
+  c.pretrain.lm_cycles = 1  # Stage 2 runs lm_steps this many times (warm-restarted cosine).
   c.pretrain.question_loss_weight = 0.0  # Next-token loss on question words (stands in for LM pre-training).
   c.pretrain.probe_slots = 2  # Early-answer probe: last question words (before '?') that predict the answer.
   c.pretrain.probe_weight = 1.0  # Weight of the early-answer probe loss (0 disables it).
-  c.pretrain.ground_weight = 0.0  # Weight of the grounding loss: answer-slot attention on the answer region.
-  c.pretrain.word_ground = False  # Also ground digit and colour words (layer 0) on their patches.
+  c.pretrain.ground_weight = 1.0  # Weight of the grounding loss: answer-slot attention on the answer region.
+  c.pretrain.word_ground = True  # Also ground digit and colour words (layer 0) on their patches.
   c.pretrain.ground_heads = 2  # Heads per layer (from layer 1 on) that the grounding loss supervises.
   c.pretrain.init_vision_from = ml_collections.FieldReference(None, field_type=str)  # Optional VLM checkpoint whose vision tower starts stage 1 (or replaces it).
-  c.pretrain.token_curriculum = 0.4  # Share of stage 2 that hides part of the background patches.
+  c.pretrain.token_curriculum = 0.15  # Share of stage 2 that hides part of the background patches.
   c.pretrain.curriculum_min_keep = 0.05  # Share of background patches kept at the curriculum start.
   c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
   c.pretrain.weight_decay = 0.01  # AdamW weight decay.
@@ -95,6 +95,12 @@ def get_config(arg=None):
       'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop', 'sparsevlm')
   c.eval.position_modes = ('keep', 'renumber')  # Position modes to compare.
   c.eval.picture_examples = 4  # Test examples whose kept patches the report draws (0: none).
+
+  # --- The main job (--mode=demo, `make demo`): short agent training, then the comparison. ---------
+  c.demo = ml_collections.ConfigDict()
+  c.demo.train_steps = 120  # Agent steps (warm-up + GRPO) of the demo; config.train.steps is the full run.
+  c.demo.warmup_steps = 40  # Of which supervised warm-up.
+  c.demo.eval_examples = 500  # Test examples the demo's comparison runs on (the first ones).
 
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
   c.agent = ml_collections.ConfigDict()
@@ -146,4 +152,5 @@ def _shrink_for_smoke_tests(c):
   c.pretrain.update(batch_size=8, vision_steps=2, lm_steps=2, lm_cycles=1, warmup_steps=1,
                     log_every=1, eval_examples=8)
   c.eval.update(batch_size=8, num_examples=24)
+  c.demo.update(train_steps=4, warmup_steps=2, eval_examples=24)
   c.train.update(steps=4, warmup_steps=2, batch_size=4, group_size=2, log_every=1, checkpoint_every=2)

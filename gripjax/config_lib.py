@@ -151,6 +151,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       sharding.validate_config(c)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  if 'demo' in c:
+    for f in ('train_steps', 'eval_examples'):
+      _positive_int(c, f'demo.{f}')
+    _positive_int(c, 'demo.warmup_steps', allow_zero=True)
   if 'eval' in c:
     _positive_int(c, 'eval.batch_size')
     _positive_int(c, 'eval.picture_examples', allow_zero=True)

@@ -84,9 +84,12 @@ def main(argv):
     except ValueError as e:
       sys.exit(f'error: {e}')
     print(path)
-  elif mode in ('eval', 'demo'):
+  elif mode == 'demo':
+    from gripjax import demo  # pylint: disable=g-import-not-at-top
+    demo.run(config, workdir)
+  elif mode == 'eval':
     from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.run(config, workdir, demo=(mode == 'demo'))
+    evaluate.run(config, workdir)
 
 
 if __name__ == '__main__':

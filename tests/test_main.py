@@ -69,7 +69,7 @@ def test_eval_writes_results_and_report(tmp_path, pretrained, data_dir):
       assert (method, mode) in seen
   for r in rows:
     for key in ('method', 'budget', 'kept_tokens', 'accuracy', 'n', 'per_task', 'region_recall',
-                'prefill_flops', 'seconds'):
+                'prefill_flops', 'kv_cache_bytes', 'prefill_seconds', 'seconds'):
       assert key in r
     assert r['n'] == 24
   k = {r['method']: r['kept_tokens'] for r in rows if r['budget'] == 0.25}
@@ -81,7 +81,10 @@ def test_eval_writes_results_and_report(tmp_path, pretrained, data_dir):
   assert fastv['index'] == [0, 1, 2, 3] and all(len(kept) == 9 for kept in fastv['kept'])
   assert by['blind', 'keep']['examples']['kept'] == [[]] * 4
   report = (tmp_path / 'eval' / 'report.md').read_text()
-  for name in ('frontier.png', 'per_task.png', 'kept_patches.png'):
+  kv = {r['method']: r['kv_cache_bytes'] for r in rows if r['position_mode'] == 'keep'}
+  assert kv['fastervlm'] < kv['fastv'] < kv['full']  # FastV caches every token in its early layers
+  assert all(r['prefill_seconds'] > 0 for r in rows)  # 3 batches of 8: two timed after compiling
+  for name in ('frontier.png', 'time_frontier.png', 'per_task.png', 'kept_patches.png'):
     assert (tmp_path / 'eval' / name).stat().st_size > 1000 and f']({name})' in report
 
 
@@ -107,3 +110,16 @@ def test_train_agent_then_eval_grip(tmp_path, pretrained, data_dir):
         "--config.eval.position_modes=('keep',)", data_dir=data_dir)
   rows = json.loads((ev / 'eval' / 'results.json').read_text())
   assert [(r['method'], r['kept_tokens']) for r in rows] == [('full', 36), ('grip', 9)]
+
+
+def test_demo_trains_agent_then_compares_it_with_baselines(tmp_path, pretrained, data_dir):
+  work, _ = pretrained
+  _main(tmp_path, 'demo', "--config.eval.methods=('full','blind','fastervlm')",
+        '--config.eval.budgets=(0.25,)', "--config.eval.position_modes=('keep',)",
+        f'--config.vlm_checkpoint={work / "vlm"}', data_dir=data_dir)
+  log = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [row['step'] for row in log] == [1, 2, 3, 4] and {row['phase'] for row in log} == {0, 1}
+  rows = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  assert {r['method'] for r in rows} == {'full', 'blind', 'fastervlm', 'grip'}
+  assert all(r['n'] == 24 for r in rows)
+  assert (tmp_path / 'agent').is_dir() and (tmp_path / 'eval' / 'report.md').exists()

@@ -116,6 +116,12 @@ def _score(logits, index, valid, batch):
   return correct, recall, index
 
 
+def _prefill_seconds(batch_seconds, batch_size):
+  """Median seconds per example over batches after the first (which compiles); None if only one."""
+  timed = batch_seconds[1:]
+  return float(np.median(timed)) / batch_size if timed else None
+
+
 def _kept_lists(method, index, n, count):
   """Kept patch indices (sorted, unique) of the first `count` examples of a batch."""
   if method == 'blind':
@@ -166,7 +172,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     agent = load_agent(config, vlm)
   steps = {job: make_eval_step(vlm, job[0], max(kept[job], 1), job[2], agent) for job in jobs}
   encode = make_encode(vlm)
-  results = {job: {'correct': [], 'recall': [], 'seconds': 0.0} for job in jobs}
+  results = {job: {'correct': [], 'recall': [], 'seconds': 0.0, 'batch_seconds': []} for job in jobs}
   tasks = []
   batches = pipeline.eval_batches(source, tokenizer, config.eval.batch_size,
                                   config.data.max_question_len, num_examples)
@@ -185,6 +191,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
       c, r, index = steps[job](params, enc, arrays, rng)
       c = np.asarray(c)
       results[job]['seconds'] += time.time() - t0
+      results[job]['batch_seconds'].append(time.time() - t0)
       if i == 0 and pictures:  # Kept patches of the first examples, for the report's pictures.
         results[job]['example_kept'] = _kept_lists(job[0], np.asarray(index), n,
                                                    min(pictures, int(valid.sum())))
@@ -210,8 +217,13 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         'prefill_flops': (inlm.inlm_prefill_flops(config, method, k, question_len, vlm_vocab)
                           if pruning.is_in_lm(method) else
                           efficiency.prefill_flops(config, k, question_len, vlm_vocab)),
+        'kv_cache_bytes': (inlm.inlm_kv_cache_bytes(config, method, k, question_len)
+                           if pruning.is_in_lm(method) else
+                           efficiency.kv_cache_bytes(config, k, question_len)),
         # Time of the pruner plus the LM on this machine, compile of the first batch included.
         'seconds': round(results[job]['seconds'], 3),
+        # Per example: median batch time (pruner + LM prefill) after the first, compiling, batch.
+        'prefill_seconds': _prefill_seconds(results[job]['batch_seconds'], config.eval.batch_size),
     })
     if 'example_kept' in results[job]:
       # Test examples 0, 1, ... are a pure function of the data config: enough to redraw them.
@@ -245,7 +257,7 @@ def vlm_summary(config, workdir: str, params_path: str | None = None) -> dict[st
   }
 
 
-def run(config, workdir: str, demo: bool = False) -> list[dict[str, Any]]:
+def run(config, workdir: str) -> list[dict[str, Any]]:
   """`--mode=eval` (and the evaluation part of `--mode=demo`)."""
   methods = check_methods(config.eval.methods)
   for i, rho in enumerate(config.eval.budgets):

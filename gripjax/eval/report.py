@@ -84,6 +84,50 @@ def plot_frontier(rows, path: str) -> str | None:
   return path
 
 
+def plot_time_frontier(rows, path: str, mode: str = 'keep') -> str | None:
+  """Accuracy against measured prefill seconds per example (pruner + LM), position mode `mode`."""
+  plt = _pyplot()
+  timed = [r for r in rows if r.get('prefill_seconds') and r['position_mode'] == mode]
+  if plt is None or not timed:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for (method, _), rs in _curves(timed).items():
+    rs = sorted(rs, key=lambda r: r['prefill_seconds'])
+    ax.plot([1e3 * r['prefill_seconds'] for r in rs], [100 * r['accuracy'] for r in rs],
+            marker='o', ms=3, ls='-' if len(rs) > 1 else 'none', label=method)
+  ax.set_xscale('log')
+  ax.set_xlabel('measured prefill ms per example (pruner + LM, this machine)')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_title(f'GRIP-Bench test: accuracy vs measured prefill time ({mode} positions)')
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def equal_accuracy_speedups(rows, method: str = 'grip', mode: str = 'keep') -> list[dict[str, Any]]:
+  """For each budget of `method`: the fastest other pruner at least as accurate, and the speed-up.
+
+  Speed-up = that pruner's measured prefill time / `method`'s; references (full, blind, shuffled)
+  are left out. Rows without timings are skipped; `baseline` is None where no pruner is as accurate.
+  """
+  refs = ('full', 'blind', 'shuffled')
+  mine = [r for r in rows if r['method'] == method and r['position_mode'] == mode
+          and r.get('prefill_seconds')]
+  others = [r for r in rows if r['method'] not in refs + (method,) and r['position_mode'] == mode
+            and r.get('prefill_seconds')]
+  out = []
+  for r in sorted(mine, key=lambda r: r['kept_tokens']):
+    as_good = [o for o in others if o['accuracy'] >= r['accuracy']]
+    best = min(as_good, key=lambda o: o['prefill_seconds']) if as_good else None
+    out.append({'budget': r['budget'], 'kept_tokens': r['kept_tokens'], 'accuracy': r['accuracy'],
+                'baseline': None if best is None else f"{best['method']} ({best['kept_tokens']} kept)",
+                'baseline_accuracy': None if best is None else best['accuracy'],
+                'speedup': None if best is None else best['prefill_seconds'] / r['prefill_seconds']})
+  return out
+
+
 def plot_per_task(rows, path: str, mode: str = 'keep') -> str | None:
   """One panel per task family: accuracy against kept tokens in position mode `mode`."""
   plt = _pyplot()
@@ -166,6 +210,7 @@ def write_report(results_path: str, out_dir: str) -> str:
            table(rows), '']
   plots = (
       (plot_frontier, 'frontier.png', 'accuracy vs kept tokens'),
+      (plot_time_frontier, 'time_frontier.png', 'accuracy vs measured prefill time (keep mode)'),
       (plot_per_task, 'per_task.png', 'accuracy per task family vs kept tokens (keep mode)'),
       (plot_kept_patches, 'kept_patches.png',
        'kept patches at the smallest budget (dropped patches darkened, answer region in cyan)'),
@@ -173,6 +218,18 @@ def write_report(results_path: str, out_dir: str) -> str:
   for plot, name, caption in plots:
     if plot(rows, os.path.join(out_dir, name)):
       lines += [f'## {caption[0].upper() + caption[1:]}', '', f'![{caption}]({name})', '']
+  speedups = equal_accuracy_speedups(rows)
+  if speedups:
+    lines += ['## Equal-accuracy speed-up of the agent', '',
+              'For each budget of `grip`: the fastest other pruner (any budget, keep mode) that is at '
+              'least as accurate, and its measured prefill time over the agent\'s.', '',
+              '| grip budget | kept | accuracy % | fastest pruner as accurate | its accuracy % | speed-up |',
+              '|---|---|---|---|---|---|']
+    for e in speedups:
+      lines.append(f"| {e['budget']:.3g} | {e['kept_tokens']} | {_fmt(e['accuracy'])} | "
+                   f"{e['baseline'] or 'none'} | {_fmt(e['baseline_accuracy'])} | "
+                   + ('-' if e['speedup'] is None else f"{e['speedup']:.2f}x") + ' |')
+    lines.append('')
   path = os.path.join(out_dir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))

@@ -283,6 +283,14 @@ def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: i
   return sum(efficiency.llm_layer_flops(config, length) for length in lengths) + head
 
 
+def inlm_kv_cache_bytes(config, method: str, k: int, text_len: int, **hparams) -> int:
+  """Bytes of one prompt's KV cache after `method`'s prefill: each layer holds the slots it ran on."""
+  n, depth = _num_visual_tokens(config), config.model.llm.depth
+  lengths = layer_lengths(n, int(text_len), depth, inlm_schedule(config, method, k, **hparams))
+  per_slot_and_layer = efficiency.kv_cache_bytes(config, 0, 0) // depth  # one slot, k and v
+  return per_slot_and_layer * sum(lengths)
+
+
 def inlm_average_tokens(config, method: str, k: int, **hparams) -> float:
   """Visual tokens per LM layer averaged over layers (the 'average token count' PyramidDrop reports)."""
   n, depth = _num_visual_tokens(config), config.model.llm.depth

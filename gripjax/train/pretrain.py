@@ -18,6 +18,16 @@ pretrained CLIP that stays frozen while the projector learns, so the recipe does
    Caveat for pruning studies: the model has seen inputs with background patches removed.
    An auxiliary head (`EarlyAnswerProbe`, dropped after training) also predicts the answer from
    the last question words, which turns the image look-up into a one-hop problem at those slots.
+   Grounding losses (`pretrain.ground_weight`) supervise where the LM looks, as grounded
+   captioning data does for real VLMs: in layer 0, a digit or colour word of the question attends
+   to the patches that show it (`pretrain.word_ground`); from layer 1 on, the slot that predicts
+   the answer attends to the answer region. Each supervises only the first `pretrain.ground_heads`
+   heads; the others are free. Measured from the same vision tower with a 600-step stage 2:
+   validation accuracy 41% at step 350 with both losses (39% with none, 40% with the answer-slot
+   loss alone) and 55% at step 600; without grounding, the earlier two-cycle recipe reached 55%
+   only after 2,400 stage-2 steps.
+   Caveat for pruning studies: attention-ranked pruners (FastV, PyramidDrop, the GRIP attention
+   teacher) read attention that was trained to point at the answer region.
 
 Both stages log image-dependence figures on validation: accuracy with shuffled images, the spread of
 answer logits across images and the variance of projected tokens across images, so a collapse shows

@@ -1,0 +1,37 @@
+"""The report's derived figures, on hand-made rows."""
+
+from gripjax.eval import report
+
+
+def _row(method, kept, acc, seconds, mode='keep'):
+  return {'method': method, 'budget': kept / 144, 'position_mode': mode, 'kept_tokens': kept,
+          'accuracy': acc, 'n': 100, 'per_task': {'read': acc}, 'region_recall': None,
+          'prefill_flops': kept * 1e6, 'prefill_seconds': seconds}
+
+
+def test_equal_accuracy_speedup_picks_fastest_pruner_at_least_as_accurate():
+  rows = [_row('full', 144, 0.90, 4.0), _row('grip', 16, 0.80, 1.0), _row('grip', 8, 0.70, 0.5),
+          _row('dart', 16, 0.75, 1.1), _row('dart', 36, 0.82, 2.0), _row('fastv', 36, 0.85, 3.0),
+          _row('dart', 8, 0.90, 0.1, mode='renumber')]  # other mode: ignored
+  out = report.equal_accuracy_speedups(rows)
+  assert [e['kept_tokens'] for e in out] == [8, 16]
+  assert out[0]['baseline'] == 'dart (16 kept)' and abs(out[0]['speedup'] - 2.2) < 1e-9
+  assert out[1]['baseline'] == 'dart (36 kept)' and abs(out[1]['speedup'] - 2.0) < 1e-9
+
+
+def test_equal_accuracy_speedup_none_when_no_pruner_is_as_accurate():
+  rows = [_row('grip', 16, 0.95, 1.0), _row('dart', 16, 0.75, 1.1)]
+  (e,) = report.equal_accuracy_speedups(rows)
+  assert e['baseline'] is None and e['speedup'] is None
+  assert report.equal_accuracy_speedups([_row('dart', 16, 0.75, 1.1)]) == []
+
+
+def test_report_writes_time_plot_and_speedup_table(tmp_path):
+  import json
+  rows = [_row('full', 144, 0.90, 4.0), _row('grip', 16, 0.80, 1.0), _row('dart', 36, 0.82, 2.0),
+          _row('dart', 16, 0.70, 1.0)]
+  path = tmp_path / 'results.json'
+  path.write_text(json.dumps(rows))
+  text = open(report.write_report(str(path), str(tmp_path))).read()
+  assert '](time_frontier.png)' in text and (tmp_path / 'time_frontier.png').exists()
+  assert '| 0.111 | 16 | 80.0 | dart (36 kept) | 82.0 | 2.00x |' in text
