@@ -102,6 +102,15 @@ def get_config(arg=None):
   c.demo.warmup_steps = 40  # Of which supervised warm-up.
   c.demo.eval_examples = 500  # Test examples the demo's comparison runs on (the first ones).
 
+  # --- Agent ablations (--mode=ablations): variants x seeds, same examples and budgets. -----------
+  c.ablation = ml_collections.ConfigDict()
+  c.ablation.variants = (  # Variants (gripjax/eval/ablations.py), each trained per seed.
+      'budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'per_budget')
+  c.ablation.seeds = (0, 1, 2)  # One training run per variant (and budget, for per_budget) per seed.
+  c.ablation.train_steps = 120  # Steps of every run (warm-up + GRPO, or the relaxation's steps).
+  c.ablation.warmup_steps = 40  # Of which warm-up (budget_aware, per_budget; all of warmup_only).
+  c.ablation.eval_examples = 500  # First test examples each agent is evaluated on.
+
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
   c.agent = ml_collections.ConfigDict()
   c.agent.width = 64  # Hidden size d_s of the scorer.
@@ -127,6 +136,9 @@ def get_config(arg=None):
   c.train.warmup_top = 16  # ListMLE fits the teacher's top-m order, m = min(this, N).
   c.train.warmup_kl_coef = 0.0  # Weight of KL(teacher softmax || scorer softmax) added to ListMLE.
   c.train.loo_chunk = 16  # 'loo' teacher: leave-one-out forwards run this many tokens at a time.
+  c.train.algorithm = 'grpo'  # After the warm-up: 'grpo' (the agent) or 'relaxation' (straight-through top-k baseline).
+  c.train.relax_tau = 0.5  # 'relaxation': temperature of the relaxed top-k behind the straight-through mask.
+  c.train.relax_samples = 1  # 'relaxation': Gumbel keep-sets per example per step (gradients averaged).
   c.train.log_every = 10  # Steps between metrics lines (WORKDIR/metrics.jsonl).
   c.train.checkpoint_every = 50  # Steps between Orbax checkpoints (WORKDIR/checkpoints).
   c.train.checkpoint_keep = 2  # Checkpoints kept (the newest); an older one is the fallback.
@@ -153,4 +165,5 @@ def _shrink_for_smoke_tests(c):
                     log_every=1, eval_examples=8)
   c.eval.update(batch_size=8, num_examples=24)
   c.demo.update(train_steps=4, warmup_steps=2, eval_examples=24)
+  c.ablation.update(seeds=(0, 1), train_steps=4, warmup_steps=2, eval_examples=16)
   c.train.update(steps=4, warmup_steps=2, batch_size=4, group_size=2, log_every=1, checkpoint_every=2)

@@ -151,6 +151,26 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       sharding.validate_config(c)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    if 'algorithm' in c.train:
+      _choice(c, 'train.algorithm', ('grpo', 'relaxation'))
+      from gripjax.train import relax_step  # pylint: disable=g-import-not-at-top
+      try:
+        relax_step.relax_options(c)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+  if 'ablation' in c:
+    from gripjax.eval import ablations  # pylint: disable=g-import-not-at-top
+    try:
+      ablations.check_variants(c.ablation.variants)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    seeds = c.ablation.seeds
+    if not isinstance(seeds, tuple) or not seeds or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+      _fail('ablation.seeds', seeds, 'a non-empty tuple of non-negative ints')
+    for f in ('train_steps', 'eval_examples'):
+      _positive_int(c, f'ablation.{f}')
+    _positive_int(c, 'ablation.warmup_steps', allow_zero=True)
   if 'demo' in c:
     for f in ('train_steps', 'eval_examples'):
       _positive_int(c, f'demo.{f}')

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from gripjax import config_lib
 
-MODES = ('demo', 'pretrain_vlm', 'train_agent', 'eval', 'export', 'validate_config')
+MODES = ('demo', 'pretrain_vlm', 'train_agent', 'eval', 'ablations', 'export', 'validate_config')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                           lock_config=True)
@@ -87,6 +87,9 @@ def main(argv):
   elif mode == 'demo':
     from gripjax import demo  # pylint: disable=g-import-not-at-top
     demo.run(config, workdir)
+  elif mode == 'ablations':
+    from gripjax.eval import ablations  # pylint: disable=g-import-not-at-top
+    ablations.run(config, workdir)
   elif mode == 'eval':
     from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir)

@@ -94,32 +94,33 @@ def test_unknown_method_fails_naming_known_ones(tmp_path):
   assert "'fastvv'" in r.stderr and 'divprune' in r.stderr
 
 
-def test_train_agent_then_eval_grip(tmp_path, pretrained, data_dir):
-  work, _ = pretrained
-  vlm = f'--config.vlm_checkpoint={work / "vlm"}'
-  agent_dir = tmp_path / 'agent'
-  _main(agent_dir, 'train_agent', vlm, data_dir=data_dir)
-  metrics = [json.loads(line) for line in (agent_dir / 'metrics.jsonl').read_text().splitlines()]
-  assert [m['phase'] for m in metrics] == [0, 0, 1, 1]  # warm-up, then GRPO, in one compiled step
-  for key in ('loss', 'reward/mean', 'reward/std', 'frac_reward_zero_std', 'approx_kl', 'clip_ratio',
-              'entropy', 'tokens_kept'):
-    assert key in metrics[-1]
-  ev = tmp_path / 'eval'
-  _main(ev, 'eval', vlm, f'--config.agent.checkpoint={agent_dir / "agent"}',
-        "--config.eval.methods=('full','grip')", '--config.eval.budgets=(0.25,)',
-        "--config.eval.position_modes=('keep',)", data_dir=data_dir)
-  rows = json.loads((ev / 'eval' / 'results.json').read_text())
-  assert [(r['method'], r['kept_tokens']) for r in rows] == [('full', 36), ('grip', 9)]
-
-
 def test_demo_trains_agent_then_compares_it_with_baselines(tmp_path, pretrained, data_dir):
   work, _ = pretrained
   _main(tmp_path, 'demo', "--config.eval.methods=('full','blind','fastervlm')",
         '--config.eval.budgets=(0.25,)', "--config.eval.position_modes=('keep',)",
         f'--config.vlm_checkpoint={work / "vlm"}', data_dir=data_dir)
   log = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [row['step'] for row in log] == [1, 2, 3, 4] and {row['phase'] for row in log} == {0, 1}
+  assert [row['step'] for row in log] == [1, 2, 3, 4]
+  assert [row['phase'] for row in log] == [0, 0, 1, 1]  # warm-up, then GRPO, in one compiled step
+  for key in ('loss', 'reward/mean', 'reward/std', 'frac_reward_zero_std', 'approx_kl', 'clip_ratio',
+              'entropy', 'tokens_kept'):
+    assert key in log[-1]
   rows = json.loads((tmp_path / 'eval' / 'results.json').read_text())
   assert {r['method'] for r in rows} == {'full', 'blind', 'fastervlm', 'grip'}
+  assert {r['method']: r['kept_tokens'] for r in rows}['grip'] == 9  # ceil(0.25 * 36)
   assert all(r['n'] == 24 for r in rows)
   assert (tmp_path / 'agent').is_dir() and (tmp_path / 'eval' / 'report.md').exists()
+
+
+def test_ablations_train_each_variant_per_seed_and_summarize(tmp_path, pretrained, data_dir):
+  work, _ = pretrained
+  _main(tmp_path, 'ablations', "--config.ablation.variants=('warmup_only',)",
+        '--config.eval.budgets=(0.25,)', f'--config.vlm_checkpoint={work / "vlm"}',
+        data_dir=data_dir)
+  rows = json.loads((tmp_path / 'ablations' / 'results.json').read_text())
+  assert sorted((r['method'], r['seed']) for r in rows) == [('grip:warmup_only', 0),
+                                                             ('grip:warmup_only', 1)]
+  assert all(r['n'] == 16 and r['kept_tokens'] == 9 for r in rows)
+  summary = json.loads((tmp_path / 'ablations' / 'summary.json').read_text())
+  assert {s['method']: s['seeds'] for s in summary} == {'grip:warmup_only': [0, 1]}
+  assert '± ' in (tmp_path / 'ablations' / 'summary.md').read_text()

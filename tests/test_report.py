@@ -35,3 +35,16 @@ def test_report_writes_time_plot_and_speedup_table(tmp_path):
   text = open(report.write_report(str(path), str(tmp_path))).read()
   assert '](time_frontier.png)' in text and (tmp_path / 'time_frontier.png').exists()
   assert '| 0.111 | 16 | 80.0 | dart (36 kept) | 82.0 | 2.00x |' in text
+
+
+def test_ablation_summary_mean_and_std_over_seeds():
+  from gripjax.eval import ablations
+  rows = [dict(_row('grip:relaxation', 16, acc, 1.0), seed=s) for s, acc in ((0, 0.5), (1, 0.7))]
+  rows.append(dict(_row('grip:per_budget', 8, 0.6, 1.0), seed=0))
+  summary = {s['method']: s for s in ablations.summarize(rows)}
+  relax = summary['grip:relaxation']
+  assert relax['seeds'] == [0, 1] and abs(relax['accuracy_mean'] - 0.6) < 1e-9
+  assert abs(relax['accuracy_std'] - 0.1414213562) < 1e-6  # sample std of (0.5, 0.7)
+  assert summary['grip:per_budget']['accuracy_std'] is None
+  text = ablations.summary_markdown(list(summary.values()))
+  assert '60.0 ± 14.1 (n=2)' in text and '60.0 (n=1)' in text

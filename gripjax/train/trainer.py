@@ -97,23 +97,44 @@ def _check_data_position(saved, current, step: int) -> None:
                     ', '.join(f'{k} was {a!r}, now {b!r}' for k, (a, b) in changed.items()))
 
 
+def _append_metrics(path: str, row: dict[str, Any]) -> None:
+  """Appends one JSON line; a bucket path (gs://...), which cannot append, is rewritten whole."""
+  line = json.dumps(row) + '\n'
+  if '://' not in path:
+    with open(path, 'a') as f:
+      f.write(line)
+    return
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  remote = epath.Path(path)
+  remote.write_text((remote.read_text() if remote.exists() else '') + line)
+
+
 def _truncate_metrics(path: str, step: int) -> None:
   """Drops the rows an interrupted run logged after its checkpoint at `step` (they are redone)."""
+  if '://' in path:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    remote = epath.Path(path)
+    if remote.exists():
+      keep = [l for l in remote.read_text().splitlines(keepends=True) if _row_step(l) <= step]
+      remote.write_text(''.join(keep))
+    return
   if not os.path.exists(path):
     return
   with open(path) as f:
     lines = f.readlines()
-  keep = []
-  for line in lines:
-    try:
-      if json.loads(line)['step'] <= step:
-        keep.append(line)
-    except (ValueError, KeyError, TypeError):
-      continue  # A line cut short by the kill.
+  keep = [line for line in lines if _row_step(line) <= step]
   if len(keep) != len(lines):
     with open(path + '.tmp', 'w') as f:
       f.writelines(keep)
     os.replace(path + '.tmp', path)
+
+
+def _row_step(line: str) -> float:
+  """The step of a metrics line; infinity for a line cut short by a kill (so it is dropped)."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
 
 
 def _log_memory(compiled) -> None:
@@ -181,7 +202,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('train_agent: %s at step %d of %d (warm-up until %d)',
                'resuming' if restored else 'starting', start, t.steps, t.warmup_steps)
 
-  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh,
+  if t.get('algorithm', 'grpo') == 'relaxation':  # The straight-through baseline of the ablations.
+    from gripjax.train import relax_step  # pylint: disable=g-import-not-at-top
+    make_step = relax_step.make_relax_train_step
+  else:
+    make_step = step_lib.make_train_step
+  train_step = make_step(vlm, scorer, tx, config, mesh,
                                         state_sharding=state_shardings, vlm_sharding=vlm_shardings)
   batches = pipeline.prefetch(pipeline.batch_iterator(
       train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,
@@ -218,8 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         bar.set_postfix(phase=row['phase'], loss=f"{row['loss']:.4g}",
                         reward=f"{row['reward/mean']:.3g}")
         if is_main:
-          with open(metrics_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+          _append_metrics(metrics_path, row)
       if done % t.checkpoint_every == 0 or last:
         ckpt_lib.save_train_state(manager, done, state_tree(state), {
             'data': data_position(config, len(train_src), done),

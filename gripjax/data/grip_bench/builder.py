@@ -17,8 +17,10 @@ second rename fails; `load_split` serializes prepares on one host with a file lo
 
 import dataclasses
 import fcntl
+import hashlib
 import multiprocessing
 import os
+import tempfile
 import time
 import zlib
 
@@ -173,8 +175,15 @@ def prepare(config_data, image_size, patch_size, data_dir, num_workers=0):
   builder = builder_for(config_data, image_size, patch_size, data_dir, num_workers)
   if builder.is_prepared():
     return builder
-  os.makedirs(data_dir, exist_ok=True)
-  lock_path = os.path.join(data_dir, f'.grip_bench_{builder.builder_config.name}.lock')
+  lock_name = f'.grip_bench_{builder.builder_config.name}.lock'
+  if '://' in str(data_dir):
+    # A bucket: tfds writes there itself; the lock that serializes this host's processes is local.
+    lock_dir = os.path.join(tempfile.gettempdir(),
+                            'gripjax_' + hashlib.sha1(str(data_dir).encode()).hexdigest()[:12])
+  else:
+    lock_dir = data_dir
+  os.makedirs(lock_dir, exist_ok=True)
+  lock_path = os.path.join(lock_dir, lock_name)
   with open(lock_path, 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Another process preparing the same config: wait for it.
     try:

@@ -1,0 +1,148 @@
+"""Ablations of the GRIP agent on the same examples and budgets (`--mode=ablations`).
+
+  python -m gripjax.main --config=configs/gripbench_tiny.py --mode=ablations --workdir=workdir/abl
+
+Each variant is trained once per seed of `config.ablation.seeds` (same schedule length,
+`config.ablation.train_steps`) and evaluated as the pruner `grip` on the first
+`config.ablation.eval_examples` test examples at every budget of `config.eval.budgets`:
+
+  budget_aware   the agent as shipped: warm-up, then GRPO, keep ratio sampled per example;
+  warmup_only    the supervised warm-up alone (no GRPO step);
+  grpo_only      GRPO from a random scorer (no warm-up);
+  relaxation     the same scorer trained by backpropagating the answer loss through the frozen VLM
+                 with a straight-through top-k mask (`train.algorithm='relaxation'`);
+  per_budget     one agent per budget, trained at that keep ratio only and evaluated there.
+
+Writes `WORKDIR/ablations/results.json` (one row per variant, seed, budget, in the eval row format
+with `method` = 'grip:VARIANT' and a `seed` field), `summary.json` (mean and sample std over seeds)
+and `summary.md`. Finished runs are reused, so an interrupted ablation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+VARIANTS = ('budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'per_budget')
+
+
+def check_variants(variants) -> tuple[str, ...]:
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f'config.ablation.variants contains unknown variant {v!r}: known variants are '
+                       f'{VARIANTS}')
+  return tuple(variants)
+
+
+def variant_configs(config, variant: str, seed: int, data_dir: str):
+  """[(budgets evaluated, training config)] of one variant and seed (several for per_budget)."""
+  a = config.ablation
+  base = ml_collections.ConfigDict(config.to_dict())
+  base.seed = int(seed)
+  base.data.data_dir = data_dir
+  base.train.steps = a.train_steps
+  base.train.warmup_steps = min(a.warmup_steps, a.train_steps)
+  base.train.checkpoint_every = max(1, min(base.train.checkpoint_every, a.train_steps))
+  budgets = tuple(float(r) for r in config.eval.budgets if r < 1.0)
+  if variant == 'budget_aware':
+    return [(budgets, base)]
+  if variant == 'warmup_only':
+    base.train.steps = base.train.warmup_steps = max(base.train.warmup_steps, 1)
+    return [(budgets, base)]
+  if variant == 'grpo_only':
+    base.train.warmup_steps = 0
+    return [(budgets, base)]
+  if variant == 'relaxation':
+    base.train.algorithm = 'relaxation'
+    return [(budgets, base)]
+  out = []
+  for rho in budgets:  # per_budget
+    c = ml_collections.ConfigDict(base.to_dict())
+    c.train.rho_range = (rho, rho)
+    out.append(((rho,), c))
+  return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Mean and sample std of accuracy (and region recall) over seeds, per (method, budget)."""
+  groups = {}
+  for r in rows:
+    groups.setdefault((r['method'], r['budget']), []).append(r)
+  out = []
+  for (method, budget), rs in sorted(groups.items()):
+    acc = np.array([r['accuracy'] for r in rs])
+    out.append({'method': method, 'budget': budget, 'kept_tokens': rs[0]['kept_tokens'],
+                'seeds': sorted(r['seed'] for r in rs), 'accuracy_mean': float(acc.mean()),
+                'accuracy_std': float(acc.std(ddof=1)) if len(rs) > 1 else None,
+                'n': rs[0]['n']})
+  return out
+
+
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+  budgets = sorted({s['budget'] for s in summary}, reverse=True)
+  methods = sorted({s['method'] for s in summary})
+  cell = {(s['method'], s['budget']): s for s in summary}
+  head = ['variant'] + [f'rho={b:.3g} ({cell_k})' for b, cell_k in
+                        ((b, next(s['kept_tokens'] for s in summary if s['budget'] == b))
+                         for b in budgets)]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for m in methods:
+    cells = [m]
+    for b in budgets:
+      s = cell.get((m, b))
+      if s is None:
+        cells.append('-')
+      else:
+        std = '' if s['accuracy_std'] is None else f" ± {100 * s['accuracy_std']:.1f}"
+        cells.append(f"{100 * s['accuracy_mean']:.1f}{std} (n={len(s['seeds'])})")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def run(config, workdir: str) -> list[dict[str, Any]]:
+  from gripjax import runtime  # pylint: disable=g-import-not-at-top
+  from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
+  from gripjax.train import trainer  # pylint: disable=g-import-not-at-top
+  variants = check_variants(config.ablation.variants)
+  out_dir = os.path.join(workdir, 'ablations')
+  os.makedirs(out_dir, exist_ok=True)
+  # Seeds of a variant compile the same train step: a persistent cache compiles it once.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', os.path.join(out_dir, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  data_dir = runtime.data_dir(config, workdir)
+  tok = runtime.tokenizer()
+  vlm = runtime.make_model(config, tok)
+  params = runtime.load_vlm_params(config, vlm)
+  source = runtime.split_source(config, workdir, 'test')
+  rows = []
+  for variant in variants:
+    for seed in config.ablation.seeds:
+      for i, (budgets, c) in enumerate(variant_configs(config, variant, seed, data_dir)):
+        run_dir = os.path.join(out_dir, variant, f'seed{seed}' + (f'_b{i}' if variant == 'per_budget'
+                                                                  else ''))
+        if not os.path.isdir(os.path.join(run_dir, 'agent')):
+          logging.info('ablations: training %s seed %d (%s)', variant, seed, run_dir)
+          trainer.run(c, run_dir)
+        c.agent.checkpoint = os.path.join(run_dir, 'agent')
+        agent = evaluate.load_agent(c, vlm)
+        got = evaluate.evaluate(c, vlm, params, source, tok, ('grip',), budgets, ('keep',),
+                                config.ablation.eval_examples, agent=agent)
+        for r in got:
+          r.pop('examples', None)
+          rows.append(dict(r, method=f'grip:{variant}', seed=int(seed)))
+  summary = summarize(rows)
+  for name, obj in (('results.json', rows), ('summary.json', summary)):
+    with open(os.path.join(out_dir, name + '.tmp'), 'w') as f:
+      json.dump(obj, f, indent=1)
+    os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
+  text = summary_markdown(summary)
+  with open(os.path.join(out_dir, 'summary.md'), 'w') as f:
+    f.write('# Agent ablations (GRIP-Bench test accuracy %, mean ± std over seeds)\n\n' + text + '\n')
+  print(text)
+  return rows
