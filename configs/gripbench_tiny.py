@@ -92,7 +92,7 @@ def get_config(arg=None):
   c.eval.budgets = (0.5, 0.25, 1 / 9, 1 / 18)  # Keep ratios rho in (0, 1] of every pruner.
   c.eval.methods = (  # Methods to compare: references, then the pruners of gripjax.pruning.
       'full', 'blind', 'shuffled', 'random', 'uniform', 'fastervlm', 'visionzip', 'divprune',
-      'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop', 'sparsevlm')
+      'vispruner', 'cdpruner', 'dart', 'fastv', 'pyramiddrop', 'sparsevlm', 'grip')
   c.eval.position_modes = ('keep', 'renumber')  # Position modes to compare.
   c.eval.picture_examples = 4  # Test examples whose kept patches the report draws (0: none).
 
@@ -117,7 +117,7 @@ def get_config(arg=None):
   c.agent.depth = 1  # Self-attention blocks among visual tokens.
   c.agent.num_heads = 4  # Attention heads (must divide agent.width).
   # Orbax checkpoint of the trained agent (method 'grip' in eval); relative to the repo root.
-  c.agent.checkpoint = ml_collections.FieldReference(None, field_type=str)  # None: no 'grip' rows.
+  c.agent.checkpoint = ml_collections.FieldReference('gripjax/assets/tiny_agent', field_type=str)  # None: no 'grip' rows.
 
   # --- Agent training (--mode=train_agent): supervised warm-up, then GRPO. -------------------------
   c.train = ml_collections.ConfigDict()
@@ -161,6 +161,8 @@ def _shrink_for_smoke_tests(c):
   c.model.llm.update(width=32, depth=2, num_heads=2, num_kv_heads=1, mlp_dim=64, max_len=72)
   c.data.update(num_train=48, num_validation=16, num_test=24)
   c.vlm_checkpoint = None
+  c.agent.checkpoint = None  # The shipped agent has the full-size geometry.
+  c.eval.methods = tuple(m for m in c.eval.methods if m != 'grip')
   c.pretrain.update(batch_size=8, vision_steps=2, lm_steps=2, lm_cycles=1, warmup_steps=1,
                     log_every=1, eval_examples=8)
   c.eval.update(batch_size=8, num_examples=24)
