@@ -129,6 +129,12 @@ def _check_process(batch_size, process_index, process_count):
                      f'({process_count}).')
 
 
+def _process_rows(batch_size, process_index, process_count) -> slice:
+  """This process's rows of a global batch: its block in process order."""
+  per_process = batch_size // process_count
+  return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
 def batch_iterator(source, tokenizer, batch_size, max_question_len, *, shuffle, seed, start_step=0,
                    num_steps=None, drop_remainder=True, process_index=0, process_count=1):
   """Yields training batches for global steps start_step, start_step + 1, ... (forever by default).
@@ -143,8 +149,9 @@ def batch_iterator(source, tokenizer, batch_size, max_question_len, *, shuffle, 
     start_step: first global step to yield (resumption).
     num_steps: stop after this many batches; None: never stop.
     drop_remainder: drop the incomplete last batch of every epoch (keeps shapes static).
-    process_index, process_count: this process takes rows i with i % process_count == process_index
-      of every global batch.
+    process_index, process_count: this process takes the process_index-th of process_count equal
+      contiguous blocks of every global batch, so the processes' rows concatenated in process order
+      (`sharding.shard_batch`) are the global batch in its single-process order.
 
   Yields:
     Batch dicts (see the module docstring).
@@ -159,7 +166,7 @@ def batch_iterator(source, tokenizer, batch_size, max_question_len, *, shuffle, 
   while num_steps is None or step < start_step + num_steps:
     idx = global_batch_indices(n, batch_size, step, shuffle=shuffle, seed=seed,
                                drop_remainder=drop_remainder)
-    local = idx[process_index::process_count]
+    local = idx[_process_rows(batch_size, process_index, process_count)]
     yield encode(_read(source, local), local)
     step += 1
 
@@ -170,7 +177,7 @@ def eval_batches(source, tokenizer, batch_size, max_question_len, num_examples=N
 
   The last global batch is padded by repeating its last example; `valid` (B,) is False on padding,
   so every example is counted exactly once when metrics are weighted by `valid`. With several
-  processes each takes rows i % process_count == process_index of every global batch.
+  processes each takes its contiguous block of every global batch (as `batch_iterator`).
   """
   _check_process(batch_size, process_index, process_count)
   n = len(source) if num_examples is None else int(num_examples)
@@ -183,7 +190,7 @@ def eval_batches(source, tokenizer, batch_size, max_question_len, num_examples=N
     valid = np.ones((batch_size,), bool)
     valid[len(idx):] = False
     idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # (B,)
-    rows = slice(process_index, None, process_count)
+    rows = _process_rows(batch_size, process_index, process_count)
     batch = encode(_read(source, idx[rows]), idx[rows])
     batch['valid'] = valid[rows]
     yield batch

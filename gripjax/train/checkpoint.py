@@ -55,7 +55,8 @@ def load_params(path: str, abstract: Any | None = None) -> Any:
   Args:
     path: an Orbax checkpoint directory written by `save_params`.
     abstract: optional pytree of `jax.ShapeDtypeStruct` (with shardings) to restore into; shapes and
-      dtypes are checked against the checkpoint.
+      dtypes are checked against the checkpoint. None: every array whole on this process's first
+      device, whatever mesh (and processes) wrote the checkpoint.
 
   Returns:
     The parameter pytree, as jax arrays.
@@ -68,7 +69,12 @@ def load_params(path: str, abstract: Any | None = None) -> Any:
         '(ship one, or train it with --mode=pretrain_vlm)')
   checkpointer = ocp.StandardCheckpointer()
   if abstract is None:
-    return checkpointer.restore(path)
+    # Orbax's own default restores into the saved shardings, which fails (topology mismatch) when
+    # the checkpoint was written from more devices than this process sees.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = checkpointer.metadata(path).item_metadata
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            getattr(meta, 'tree', meta))
   return checkpointer.restore(path, abstract)
 
 

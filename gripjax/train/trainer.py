@@ -76,11 +76,11 @@ def data_position(config, num_examples: int, next_step: int) -> dict[str, Any]:
   """What fixes the data iterator's next batch: saved with every checkpoint.
 
   `pipeline.batch_iterator` is a pure function of these, so a resumed run that reads the same
-  values continues with exactly the batches the interrupted run would have read.
+  values continues with exactly the batches the interrupted run would have read (the global batch
+  does not depend on the number of processes that read it).
   """
   return {'next_step': int(next_step), 'seed': int(config.seed), 'shuffle': True,
-          'batch_size': int(config.train.batch_size), 'num_examples': int(num_examples),
-          'process_count': jax.process_count()}
+          'batch_size': int(config.train.batch_size), 'num_examples': int(num_examples)}
 
 
 def _check_data_position(saved, current, step: int) -> None:
