@@ -20,7 +20,7 @@ demo: venv
 	$(PY) -m gripjax.main --config=configs/gripbench_tiny.py --mode=demo --workdir=$(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) workdir
