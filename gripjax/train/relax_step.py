@@ -81,12 +81,7 @@ def make_relax_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
   teacher, top, loo_chunk = t.teacher, int(t.warmup_top), int(t.loo_chunk)
   warmup_kl_coef = float(t.warmup_kl_coef)
 
-  if mesh is None:
-    rows = lambda x: x
-  else:
-    from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
-    row_sharding = sharding.data_sharding(mesh)
-    rows = lambda x: jax.lax.with_sharding_constraint(x, row_sharding)
+  rows = step_lib.row_constraint(mesh)
 
   def train_step(state: step_lib.TrainState, batch: dict, vlm_params):
     vlm_params = jax.lax.stop_gradient(vlm_params)
@@ -159,14 +154,5 @@ def make_relax_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
                               ref_params=ref_params, rng=rng)
     return new, metrics
 
-  if not jit:
-    return train_step
-  if mesh is None:
-    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
-  from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
-  rep = sharding.replicated(mesh)
-  state_sharding = rep if state_sharding is None else state_sharding
-  vlm_sharding = rep if vlm_sharding is None else vlm_sharding
-  return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options,
-                 in_shardings=(state_sharding, sharding.data_sharding(mesh), vlm_sharding),
-                 out_shardings=(state_sharding, rep))
+  return step_lib.jit_train_step(train_step, mesh, jit, compiler_options, state_sharding,
+                                 vlm_sharding)

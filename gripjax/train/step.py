@@ -292,12 +292,7 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
   teacher, top, loo_chunk = t.teacher, int(t.warmup_top), int(t.loo_chunk)
   warmup_kl_coef, clip_eps, kl_coef = float(t.warmup_kl_coef), float(t.clip_eps), float(t.kl_coef)
 
-  if mesh is None:
-    rows = lambda x: x
-  else:
-    from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
-    row_sharding = sharding.data_sharding(mesh)
-    rows = lambda x: jax.lax.with_sharding_constraint(x, row_sharding)
+  rows = row_constraint(mesh)
 
   def train_step(state: TrainState, batch: dict, vlm_params) -> tuple[TrainState, dict]:
     vlm_params = jax.lax.stop_gradient(vlm_params)
@@ -367,6 +362,22 @@ def make_train_step(vlm, scorer, tx, config, mesh=None, jit: bool = True,
                      rng=rng)
     return new, metrics
 
+  return jit_train_step(train_step, mesh, jit, compiler_options, state_sharding, vlm_sharding)
+
+
+def row_constraint(mesh) -> Callable:
+  """x -> x with its leading (row) axis split over the mesh's 'data' axis (identity without a mesh)."""
+  if mesh is None:
+    return lambda x: x
+  from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
+  row_sharding = sharding.data_sharding(mesh)
+  return lambda x: jax.lax.with_sharding_constraint(x, row_sharding)
+
+
+def jit_train_step(train_step, mesh=None, jit: bool = True, compiler_options: dict | None = None,
+                   state_sharding=None, vlm_sharding=None):
+  """`train_step(state, batch, vlm_params)` jitted with the state donated: state and VLM params
+  placed by the given shardings (default replicated), batch rows over 'data', metrics replicated."""
   if not jit:
     return train_step
   if mesh is None:
