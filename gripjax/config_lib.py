@@ -100,7 +100,8 @@ def validate_model(c: ml_collections.ConfigDict):
 # Nullable string fields: the command line cannot pass a Python None to a str field, so the
 # strings 'None', 'none' and '' clear them (`--config.vlm_checkpoint=None`).
 NULLABLE_STR_FIELDS = ('vlm_checkpoint', 'data.data_dir', 'agent.checkpoint',
-                       'pretrain.init_vision_from', 'export.dir')
+                       'pretrain.init_vision_from', 'pretrain.init_from',
+                       'export.dir')
 
 
 def _normalize_nullable(c: ml_collections.ConfigDict):

@@ -106,6 +106,33 @@ def test_contract(setup, name):
   np.testing.assert_allclose(other.logits[1:], np.asarray(out.logits)[[2, 1]], atol=ATOL, err_msg=name)
 
 
+def test_run_time_position_mode_equals_named_modes(setup):
+  """A bool scalar position mode (as the harness passes, one compile for both modes) gives what
+  the named mode gives, for every in-LM method and for the plain pruned forward."""
+  lm, visual, ids, valid = setup
+  b = visual.shape[0]
+  index = jnp.asarray(np.sort(np.random.default_rng(0).permutation(N)[:K]))[None].repeat(b, 0)
+  kept = jnp.take_along_axis(visual, index[..., None], axis=1)
+
+  def outputs(mode):
+    forward = lm.apply('forward', kept, index, jnp.ones((b, K), bool), ids, valid, mode)[:, -1]
+    return forward, [inlm.run(name, lm, visual, ids, valid, K, mode)
+                     for name in pruning.IN_LM_METHODS]
+
+  flagged = jax.jit(outputs)
+  for mode in MODES:
+    want = jax.jit(outputs, static_argnums=0)(mode)
+    got = flagged(np.asarray(mode == 'renumber'))
+    np.testing.assert_allclose(got[0], want[0], atol=ATOL, err_msg=mode)
+    for name, (g, w) in zip(pruning.IN_LM_METHODS, zip(got[1], want[1])):
+      np.testing.assert_array_equal(g[1], w[1], err_msg=f'{name} {mode}')
+      np.testing.assert_allclose(g[0], w[0], atol=ATOL, err_msg=f'{name} {mode}')
+  # The modes differ here, so the flag really switches (not a test that cannot fail).
+  assert not np.allclose(flagged(np.asarray(True))[0], flagged(np.asarray(False))[0], atol=1e-3)
+  with pytest.raises(ValueError, match='bool scalar'):
+    lm.apply('forward', kept, index, jnp.ones((b, K), bool), ids, valid, np.asarray([True, False]))
+
+
 def test_pyramiddrop_schedule():
   assert pyramiddrop.schedule(N, K, 4) == ((1, 11), (2, 7), (3, K))  # 16 * (5 / 16) ** (s / 3), rounded
   assert pyramiddrop.schedule(N, K, DEPTH) == ((1, 9), (2, K))  # S = 4 stages clipped to depth 3

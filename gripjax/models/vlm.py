@@ -25,11 +25,12 @@ Param tree (HF LLaVA name in brackets): vision [vision_tower.vision_model], proj
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gripjax.models.llm import Llama, LlmConfig
 from gripjax.models.vit import ClipVisionTower, VitConfig
@@ -69,10 +70,27 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
 
-def check_position_mode(mode) -> str:
+def check_position_mode(mode):
+  """Returns `mode`: 'keep' | 'renumber', or a bool scalar array (True: renumber).
+
+  The array form picks the mode at run time, so one compiled function serves both modes (the
+  evaluation harness compiles each pruner once per budget instead of once per budget and mode).
+  """
+  if isinstance(mode, (jax.Array, np.ndarray)):
+    if mode.shape != () or mode.dtype != bool:
+      raise ValueError(f'position_mode as an array must be a bool scalar (True: renumber); got '
+                       f'{mode.dtype}{list(mode.shape)}.')
+    return mode
   if mode not in POSITION_MODES:
-    raise ValueError(f'position_mode={mode!r}: expected one of {POSITION_MODES}.')
+    raise ValueError(f'position_mode={mode!r}: expected one of {POSITION_MODES} or a bool scalar array.')
   return mode
+
+
+def select_by_mode(mode, keep: Callable[[], Any], renumber: Callable[[], Any]):
+  """keep() or renumber() for a named mode; for a run-time flag, both, selected leaf by leaf."""
+  if isinstance(mode, str):
+    return keep() if mode == 'keep' else renumber()
+  return jax.tree.map(lambda r, k: jnp.where(mode, r, k), renumber(), keep())
 
 
 def _check_shape(name, x, shape):
@@ -176,12 +194,14 @@ class VLM(nn.Module):
     h = jnp.concatenate([bos, visual.astype(c.activation_dtype), text], axis=1)  # (B, 1 + k + T, D)
 
     text_rank = jnp.cumsum(text_valid, axis=1, dtype=jnp.int32) - 1  # (B, T), -1 on left padding
-    if mode == 'keep':
-      visual_pos = 1 + visual_index.astype(jnp.int32)
-      text_pos = 1 + n + text_rank
-    else:
+    def keep_positions():
+      return 1 + visual_index.astype(jnp.int32), 1 + n + text_rank
+
+    def renumber_positions():
       visual_pos = jnp.cumsum(visual_valid, axis=1, dtype=jnp.int32)
-      text_pos = 1 + visual_pos[:, -1:] + text_rank if k else 1 + text_rank
+      return visual_pos, (1 + visual_pos[:, -1:] + text_rank if k else 1 + text_rank)
+
+    visual_pos, text_pos = select_by_mode(mode, keep_positions, renumber_positions)
     positions = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), visual_pos, text_pos], axis=1)  # (B, L)
     key_valid = jnp.concatenate([jnp.ones((b, 1), bool), visual_valid, text_valid], axis=1)  # (B, L)
     return h, positions, key_valid

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from gripjax.eval import efficiency
 from gripjax.models.vlm import check_position_mode
+from gripjax.models.vlm import select_by_mode
 from gripjax.models.vlm import ModelConfig
 from gripjax.pruning import base
 
@@ -190,7 +191,8 @@ def drop_visual(h, positions, key_valid, keep, text_len: int, position_mode: str
     h: (B, L, D) hidden states, L = 1 + n + text_len; positions (B, L) int32; key_valid (B, L) bool.
     keep: (B, m) int32 visual slots to keep, in [0, n), sorted ascending.
     text_len: T, the number of text slots at the end of the sequence.
-    position_mode: 'keep' (gather the positions) or 'renumber' (contiguous, as `assemble` would give).
+    position_mode: 'keep' (gather the positions) or 'renumber' (contiguous, as `assemble` would give),
+      or a bool scalar array (True: renumber).
     visual_h: optional (B, m) replacement hidden states for the kept visual slots (merged tokens).
   Returns:
     h (B, 1 + m + T, D), positions (B, 1 + m + T), key_valid (B, 1 + m + T).
@@ -206,10 +208,11 @@ def drop_visual(h, positions, key_valid, keep, text_len: int, position_mode: str
     h = h.at[:, 1:1 + m].set(visual_h.astype(h.dtype))
   key_valid = jnp.take_along_axis(key_valid, slots, axis=1)  # (B, L')
   positions = jnp.take_along_axis(positions, slots, axis=1)  # (B, L')
-  if position_mode == 'renumber':
+  def renumbered():
     # Visual slots are all valid here, so `assemble`'s cumsum is 1..m; text moves down by n - m.
     visual_pos = jnp.broadcast_to(jnp.arange(1, m + 1, dtype=jnp.int32), (b, m))
-    positions = jnp.concatenate([positions[:, :1], visual_pos, positions[:, 1 + m:] - (n - m)], axis=1)
+    return jnp.concatenate([positions[:, :1], visual_pos, positions[:, 1 + m:] - (n - m)], axis=1)
+  positions = select_by_mode(position_mode, lambda: positions, renumbered)
   return h, positions, key_valid
 
 

@@ -149,7 +149,7 @@ def curriculum_keep(rng, patch_digit, background_keep):
 
 def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, question_weight=0.0,
              probe=None, probe_params=None, probe_slots=0, probe_weight=0.0, ground_weight=0.0,
-             ground_heads=0, word_targets=None):
+             ground_heads=0, word_targets=None, word_ground=True, pair_ground=False):
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   b, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -165,14 +165,18 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
     # Layer by layer so every layer's attention can be read; the <sep> slot (which predicts the
     # answer) is the second to last.
     has_region = batch['region_mask'].any(axis=1)  # (B,) "no" answers and zero counts have none
+    head_targets = jnp.broadcast_to(batch['region_mask'][:, None, :],
+                                    (b, ground_heads, n))  # (B, Hg, N)
+    if pair_ground and word_targets is not None and ground_heads >= 2:
+      head_targets = _pair_targets(head_targets, batch, word_targets[0])
     per_layer = []
     for i in range(depth):
       h, attn = vlm.apply(variables, h, positions, key_valid, i, i + 1, i, method='run_layers')
-      if i == 0 and word_targets is not None:
+      if i == 0 and word_ground and word_targets is not None:
         l_word = _word_ground_loss(attn[:, :ground_heads], batch, word_targets, n)
       if i >= 1:
         to_visual = attn[:, :ground_heads, -2, 1:1 + n]  # (B, Hg, N)
-        mass = jnp.sum(to_visual * batch['region_mask'][:, None, :], axis=-1)  # (B, Hg)
+        mass = jnp.sum(to_visual * head_targets, axis=-1)  # (B, Hg)
         per_layer.append(-jnp.log(mass + 1e-6).mean(axis=1))  # (B,)
     l_ground = jnp.sum(jnp.stack(per_layer).mean(axis=0) * has_region) / jnp.maximum(
         has_region.sum(), 1)
@@ -215,6 +219,34 @@ def word_ground_targets(tok, num_colors):
   for c, word in enumerate(scenes.COLORS[:num_colors]):
     color[tok.word_id(word)] = c
   return jnp.asarray(digit, jnp.int32), jnp.asarray(color, jnp.int32)
+
+
+def _pair_targets(head_targets, batch, digit_of):
+  """Answer-slot targets when the question names two digits ("is the three left of the eight ?").
+
+  The answer depends on which of the two patches is where, and one head attending to both mixes
+  their positions into one average. So head 0 attends to the first named digit's patch and head 1
+  to the second's; the layer's MLP then compares the two positions. Other questions, and heads
+  from the third on, keep the answer region.
+
+  Args:
+    head_targets: bool (B, Hg, N), Hg >= 2: the answer region per supervised head.
+    batch: with question_ids (B, T) and patch_digit (B, N).
+    digit_of: int32 (V,) the digit each token names, -1 for other tokens.
+  Returns:
+    bool (B, Hg, N).
+  """
+  d = digit_of[batch['question_ids']]  # (B, T)
+  named = d >= 0
+  t = d.shape[1]
+  first = jnp.take_along_axis(d, jnp.argmax(named, axis=1)[:, None], axis=1)[:, 0]  # (B,)
+  last = t - 1 - jnp.argmax(named[:, ::-1], axis=1)
+  second = jnp.take_along_axis(d, last[:, None], axis=1)[:, 0]  # (B,)
+  pair = named.sum(axis=1) == 2  # (B,)
+  pd = batch['patch_digit']  # (B, N)
+  pair_targets = jnp.stack([pd == first[:, None], pd == second[:, None]], axis=1)  # (B, 2, N)
+  heads01 = jnp.where(pair[:, None, None], pair_targets, head_targets[:, :2])
+  return jnp.concatenate([heads01, head_targets[:, 2:]], axis=1)
 
 
 def _word_ground_loss(attn, batch, word_targets, n):
@@ -268,8 +300,15 @@ def image_dependence(vlm, params, batch, position_mode='keep') -> dict[str, jax.
   spread = jnp.std(jnp.stack([logits, shuffled]), axis=0).mean() * 2.0  # |a-b| for two images
   var_across = jnp.var(visual, axis=0).mean()
   mean_sq = jnp.mean(jnp.sum(visual ** 2, -1)) / visual.shape[-1]
-  return {
-      'acc': jnp.mean(logits.argmax(-1) == answer),
+  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
+  right = logits.argmax(-1) == answer  # (B,)
+  per_task = {}
+  if 'task_id' in batch:
+    for i, task in enumerate(scenes.TASKS):
+      is_task = batch['task_id'] == i
+      per_task[f'acc_{task}'] = jnp.sum(right * is_task) / jnp.maximum(is_task.sum(), 1)
+  return per_task | {
+      'acc': jnp.mean(right),
       'acc_shuffled': jnp.mean(shuffled.argmax(-1) == answer),
       'acc_blind': jnp.mean(blind.argmax(-1) == answer),
       'logit_spread_across_images': spread,
@@ -297,6 +336,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rng = jax.random.PRNGKey(config.seed)
   init_rng, head_rng = jax.random.split(rng)
   params = runtime.init_params(vlm, init_rng)
+  if pc.init_from:
+    # Continue from a whole trained VLM (vision tower, projector and LM), e.g. for a further
+    # stage-2 cycle with `vision_steps=0`.
+    params = runtime.load_vlm_params(config, vlm, pc.init_from)
   if pc.init_vision_from:
     # Start from a trained vision tower (for instance the shipped VLM's) instead of random weights.
     params = dict(params, vision=runtime.load_vlm_params(config, vlm, pc.init_vision_from)['vision'])
@@ -344,7 +387,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return new, metrics
 
   curriculum_steps = int(pc.token_curriculum * pc.lm_steps)
-  word_targets = word_ground_targets(tok, num_colors) if pc.word_ground else None
+  word_targets = (word_ground_targets(tok, num_colors)
+                  if pc.word_ground or pc.pair_ground else None)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def lm_step(state, batch):
@@ -362,7 +406,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return _lm_loss(vlm, dict(trainable['vlm'], vision=frozen), batch, tok.eos_id,
                       config.model.position_mode, visual_valid, pc.question_loss_weight,
                       probe, trainable['probe'], pc.probe_slots, pc.probe_weight,
-                      pc.ground_weight, pc.ground_heads, word_targets)
+                      pc.ground_weight, pc.ground_heads, word_targets, pc.word_ground,
+                      pc.pair_ground)
     trainable = {'vlm': {k: v for k, v in state['params'].items() if k != 'vision'},
                  'probe': state['probe']}
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
