@@ -77,6 +77,7 @@ def get_config(arg=None):
   c.pretrain.ground_weight = 1.0  # Weight of the grounding loss: answer-slot attention on the answer region.
   c.pretrain.word_ground = True  # Also ground digit and colour words (layer 0) on their patches.
   c.pretrain.ground_heads = 2  # Heads per layer (from layer 1 on) that the grounding loss supervises.
+  c.pretrain.spatial_weight = 1.0  # Weight of the position auxiliaries (token coordinates; offsets of two named digits).
   c.pretrain.pair_ground = True  # Questions naming two digits: head 0 grounds on the first, head 1 on the second.
   c.pretrain.init_from = ml_collections.FieldReference(None, field_type=str)  # Optional VLM checkpoint to continue from (all params).
   c.pretrain.init_vision_from = ml_collections.FieldReference(None, field_type=str)  # Optional VLM checkpoint whose vision tower starts stage 1 (or replaces it).

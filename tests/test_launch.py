@@ -276,3 +276,25 @@ def _worker(arg):
 
 if __name__ == '__main__':
   _worker(sys.argv[1])
+
+
+# --- launch/tiny_vlm_recipe.py ------------------------------------------------------------------
+
+
+def test_tiny_vlm_recipe_stages_chain_and_validate(capsys, tmp_path):
+  recipe = load_script('tiny_vlm_recipe')
+  lines = dry_run_lines(capsys, recipe, [f'--workdir={tmp_path}', '--', '--config.seed=3'])
+  assert len(lines) == len(recipe.STAGES) == 3
+  for i, (line, (stage, _)) in enumerate(zip(lines, recipe.STAGES)):
+    argv = shlex.split(line)
+    assert f'--workdir={tmp_path / stage}' in argv and argv[-1] == '--config.seed=3'
+    if i:  # every stage continues from the previous stage's params
+      previous = recipe.STAGES[i - 1][0]
+      assert f'--config.pretrain.init_from={tmp_path / previous / "vlm"}' in argv
+    # Each stage's overrides are valid: the same command line validates the config.
+    argv[argv.index('--mode=pretrain_vlm')] = '--mode=validate_config'
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f'pair_ground: {"false" if stage == "base" else "true"}' in r.stdout
+    assert f'spatial_weight: {1.0 if stage == "spatial" else 0.0}' in r.stdout
+    assert (f'init_from: {tmp_path / previous / "vlm"}' if i else 'init_from: null') in r.stdout

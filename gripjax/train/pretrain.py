@@ -88,6 +88,45 @@ class EarlyAnswerProbe(nn.Module):
     return nn.Dense(self.vocab_size, name='out')(nn.LayerNorm(name='norm')(h))  # (B, S, V)
 
 
+class SpatialProbe(nn.Module):
+  """Auxiliary heads of stage 2 (discarded afterwards) that make "where" a linear code in the LM.
+
+  `coords` regresses each visual token's (row, column), scaled to [-1, 1], from the token as it
+  enters the LM; `relative` regresses, from the answer slot's final hidden state, the row and column
+  offsets between the two digits a question names ("is the three left of the eight ?"). A
+  comparison of two positions is then a sign in the residual stream instead of a lookup table
+  over pairs of grid cells.
+  """
+
+  @nn.compact
+  def __call__(self, visual, answer_h):
+    coords = nn.Dense(2, name='coords')(visual)  # (B, N, 2)
+    relative = nn.Dense(2, name='relative')(nn.LayerNorm(name='norm')(answer_h))  # (B, 2)
+    return coords, relative
+
+
+def _spatial_loss(probe, probe_params, visual, answer_h, head_targets, pair, grid):
+  """MSE of `SpatialProbe`'s coordinates (every token) and pair offsets (pair questions only).
+
+  Args:
+    visual: (B, N, D) visual tokens entering the LM; answer_h (B, D) the answer slot's last hidden.
+    head_targets: (B, >=2, N) bool; heads 0 and 1 hold the first and second named digit's patch
+      on pair questions (`_pair_targets`).
+    pair: (B,) bool, questions that name two digits.
+    grid: patches per side.
+  """
+  n = visual.shape[1]
+  where = jnp.stack([jnp.arange(n) // grid, jnp.arange(n) % grid], axis=-1)  # (N, 2) row, col
+  where = 2.0 * where / max(grid - 1, 1) - 1.0
+  coords, relative = probe.apply({'params': probe_params}, visual, answer_h)
+  l_coords = jnp.mean((coords - where) ** 2)
+  t = head_targets[:, :2].astype(jnp.float32)  # (B, 2, N)
+  at = jnp.einsum('bhn,nc->bhc', t, where) / jnp.maximum(t.sum(-1, keepdims=True), 1.0)  # (B, 2, 2)
+  offset = at[:, 1] - at[:, 0]  # (B, 2): second minus first, (rows, cols)
+  l_relative = jnp.sum(jnp.mean((relative - offset) ** 2, -1) * pair) / jnp.maximum(pair.sum(), 1)
+  return l_coords + l_relative
+
+
 def _schedule(lr: float, steps: int, warmup: int):
   warmup = min(warmup, max(steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, 2), lr * 0.05)
@@ -149,7 +188,8 @@ def curriculum_keep(rng, patch_digit, background_keep):
 
 def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, question_weight=0.0,
              probe=None, probe_params=None, probe_slots=0, probe_weight=0.0, ground_weight=0.0,
-             ground_heads=0, word_targets=None, word_ground=True, pair_ground=False):
+             ground_heads=0, word_targets=None, word_ground=True, pair_ground=False,
+             spatial=None, spatial_params=None, spatial_weight=0.0):
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   b, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -160,15 +200,18 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   h, positions, key_valid = vlm.apply(variables, visual, index, valid, text, text_valid,
                                       position_mode, method='assemble')
   depth = _llm_depth(vlm)
-  l_ground = l_word = jnp.zeros(())
+  l_ground = l_word = l_spatial = jnp.zeros(())
+  pair = jnp.zeros((b,), bool)
+  head_targets = jnp.broadcast_to(batch['region_mask'][:, None, :], (b, max(ground_heads, 2), n))
+  if (pair_ground or spatial_weight > 0) and word_targets is not None:
+    head_targets, pair = _pair_targets(head_targets, batch, word_targets[0], with_pair=True)
   if ground_weight > 0 and ground_heads > 0 and depth > 1:
     # Layer by layer so every layer's attention can be read; the <sep> slot (which predicts the
     # answer) is the second to last.
     has_region = batch['region_mask'].any(axis=1)  # (B,) "no" answers and zero counts have none
-    head_targets = jnp.broadcast_to(batch['region_mask'][:, None, :],
-                                    (b, ground_heads, n))  # (B, Hg, N)
-    if pair_ground and word_targets is not None and ground_heads >= 2:
-      head_targets = _pair_targets(head_targets, batch, word_targets[0])
+    answer_targets = (head_targets if pair_ground and ground_heads >= 2 else
+                      jnp.broadcast_to(batch['region_mask'][:, None, :], head_targets.shape))
+    answer_targets = answer_targets[:, :ground_heads]  # (B, Hg, N)
     per_layer = []
     for i in range(depth):
       h, attn = vlm.apply(variables, h, positions, key_valid, i, i + 1, i, method='run_layers')
@@ -176,13 +219,16 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
         l_word = _word_ground_loss(attn[:, :ground_heads], batch, word_targets, n)
       if i >= 1:
         to_visual = attn[:, :ground_heads, -2, 1:1 + n]  # (B, Hg, N)
-        mass = jnp.sum(to_visual * head_targets, axis=-1)  # (B, Hg)
+        mass = jnp.sum(to_visual * answer_targets, axis=-1)  # (B, Hg)
         per_layer.append(-jnp.log(mass + 1e-6).mean(axis=1))  # (B,)
     l_ground = jnp.sum(jnp.stack(per_layer).mean(axis=0) * has_region) / jnp.maximum(
         has_region.sum(), 1)
   else:
     h, _ = vlm.apply(variables, h, positions, key_valid, 0, depth, method='run_layers')
   logits = vlm.apply(variables, h, method='logits')  # (B, 1+N+T+1, V)
+  if spatial is not None and spatial_weight > 0:
+    l_spatial = _spatial_loss(spatial, spatial_params, visual, h[:, -2], head_targets, pair,
+                              int(round(n ** 0.5)))
   l_probe = jnp.zeros(())
   if probe is not None and probe_slots > 0:
     # Slots of the last `probe_slots` question words: [..., word, ?, <sep>, answer] -> before '?'.
@@ -201,9 +247,9 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   l_question = optax.softmax_cross_entropy_with_integer_labels(q_logits, batch['question_ids'][:, 1:])
   l_question = jnp.sum(l_question * q_mask) / jnp.maximum(q_mask.sum(), 1)
   loss = (jnp.mean(l_answer + 0.1 * l_eos) + question_weight * l_question + probe_weight * l_probe
-          + ground_weight * (l_ground + l_word))
+          + ground_weight * (l_ground + l_word) + spatial_weight * l_spatial)
   metrics = {'loss': loss, 'question_loss': l_question, 'probe_loss': l_probe,
-             'ground_loss': l_ground, 'word_ground_loss': l_word,
+             'ground_loss': l_ground, 'word_ground_loss': l_word, 'spatial_loss': l_spatial,
              'answer_acc': jnp.mean(logits[:, -2].argmax(-1) == batch['answer_id']),
              'visual_norm': jnp.mean(jnp.linalg.norm(visual, axis=-1))}
   return loss, metrics
@@ -221,7 +267,7 @@ def word_ground_targets(tok, num_colors):
   return jnp.asarray(digit, jnp.int32), jnp.asarray(color, jnp.int32)
 
 
-def _pair_targets(head_targets, batch, digit_of):
+def _pair_targets(head_targets, batch, digit_of, with_pair=False):
   """Answer-slot targets when the question names two digits ("is the three left of the eight ?").
 
   The answer depends on which of the two patches is where, and one head attending to both mixes
@@ -234,7 +280,7 @@ def _pair_targets(head_targets, batch, digit_of):
     batch: with question_ids (B, T) and patch_digit (B, N).
     digit_of: int32 (V,) the digit each token names, -1 for other tokens.
   Returns:
-    bool (B, Hg, N).
+    bool (B, Hg, N); with `with_pair`, also the (B,) bool mask of pair questions.
   """
   d = digit_of[batch['question_ids']]  # (B, T)
   named = d >= 0
@@ -246,7 +292,8 @@ def _pair_targets(head_targets, batch, digit_of):
   pd = batch['patch_digit']  # (B, N)
   pair_targets = jnp.stack([pd == first[:, None], pd == second[:, None]], axis=1)  # (B, 2, N)
   heads01 = jnp.where(pair[:, None, None], pair_targets, head_targets[:, :2])
-  return jnp.concatenate([heads01, head_targets[:, 2:]], axis=1)
+  targets = jnp.concatenate([heads01, head_targets[:, 2:]], axis=1)
+  return (targets, pair) if with_pair else targets
 
 
 def _word_ground_loss(attn, batch, word_targets, n):
@@ -362,6 +409,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   probe = EarlyAnswerProbe(runtime.vocab_size(config, tok))
   probe_params = probe.init(jax.random.fold_in(head_rng, 1),
                             jnp.zeros((1, 1, config.model.llm.width)))['params']
+  spatial = SpatialProbe()
+  spatial_params = spatial.init(jax.random.fold_in(head_rng, 2),
+                                jnp.zeros((1, n, config.model.llm.width)),
+                                jnp.zeros((1, config.model.llm.width)))['params']
+  probe_params = {'answer': probe_params, 'spatial': spatial_params}
   lm_trainable = {'vlm': {k: v for k, v in params.items() if k != 'vision'}, 'probe': probe_params}
   lm_opt = lm_tx.init(lm_trainable)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'heads': head_params,
@@ -388,7 +440,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   curriculum_steps = int(pc.token_curriculum * pc.lm_steps)
   word_targets = (word_ground_targets(tok, num_colors)
-                  if pc.word_ground or pc.pair_ground else None)
+                  if pc.word_ground or pc.pair_ground or pc.spatial_weight > 0 else None)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def lm_step(state, batch):
@@ -405,9 +457,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def loss_fn(trainable):
       return _lm_loss(vlm, dict(trainable['vlm'], vision=frozen), batch, tok.eos_id,
                       config.model.position_mode, visual_valid, pc.question_loss_weight,
-                      probe, trainable['probe'], pc.probe_slots, pc.probe_weight,
+                      probe, trainable['probe']['answer'], pc.probe_slots, pc.probe_weight,
                       pc.ground_weight, pc.ground_heads, word_targets, pc.word_ground,
-                      pc.pair_ground)
+                      pc.pair_ground, spatial, trainable['probe']['spatial'], pc.spatial_weight)
     trainable = {'vlm': {k: v for k, v in state['params'].items() if k != 'vision'},
                  'probe': state['probe']}
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
