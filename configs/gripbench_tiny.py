@@ -82,6 +82,7 @@ def get_config(arg=None):
   c.pretrain.init_from = ml_collections.FieldReference(None, field_type=str)  # Optional VLM checkpoint to continue from (all params).
   c.pretrain.init_vision_from = ml_collections.FieldReference(None, field_type=str)  # Optional VLM checkpoint whose vision tower starts stage 1 (or replaces it).
   c.pretrain.token_curriculum = 0.15  # Share of stage 2 that hides part of the background patches.
+  c.pretrain.background_dropout = 0.0  # Share of stage-2 examples whose background patches are randomly thinned.
   c.pretrain.curriculum_min_keep = 0.05  # Share of background patches kept at the curriculum start.
   c.pretrain.warmup_steps = 100  # Linear warm-up steps of each stage.
   c.pretrain.weight_decay = 0.01  # AdamW weight decay.

@@ -137,10 +137,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.pretrain.ground_heads > c.model.llm.num_heads:
       _fail('pretrain.ground_heads', c.pretrain.ground_heads,
             f'at most model.llm.num_heads={c.model.llm.num_heads}')
-    value = c.pretrain.ground_weight
-    if not isinstance(value, (int, float)) or value < 0:
-      _fail('pretrain.ground_weight', value, 'a non-negative number')
-    for f in ('token_curriculum', 'curriculum_min_keep'):
+    for f in ('ground_weight', 'spatial_weight'):
+      value = c.pretrain[f]
+      if not isinstance(value, (int, float)) or value < 0:
+        _fail(f'pretrain.{f}', value, 'a non-negative number')
+    for f in ('token_curriculum', 'curriculum_min_keep', 'background_dropout'):
       value = c.pretrain[f]
       if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         _fail(f'pretrain.{f}', value, 'a fraction in [0, 1]')

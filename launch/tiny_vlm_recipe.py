@@ -10,7 +10,9 @@ from the previous stage's `vlm` params (`--config.pretrain.init_from`):
           curriculum, word and answer-region grounding);
   pair    1200 more stage-2 steps in which a question naming two digits grounds the answer slot's
           head 0 on the first digit and head 1 on the second (`pretrain.pair_ground`);
-  spatial 1200 more with the position auxiliaries as well (`pretrain.spatial_weight`).
+  spatial 1200 more with the position auxiliaries as well (`pretrain.spatial_weight`);
+  thinned 1500 more in which half the examples have their background patches randomly thinned
+          (`pretrain.background_dropout`), so answers, counts above all, survive pruning.
 
 A stage whose `vlm_metrics.json` exists is skipped, and a stage interrupted part-way resumes from its own
 Orbax checkpoint, so rerunning the command after a kill continues where it stopped. Arguments after
@@ -36,6 +38,10 @@ STAGES = (
     ('spatial', ('--config.pretrain.vision_steps=0', '--config.pretrain.lm_steps=1200',
                  '--config.pretrain.token_curriculum=0.0', '--config.pretrain.lr=3e-4',
                  '--config.pretrain.pair_ground=True', '--config.pretrain.spatial_weight=1.0')),
+    ('thinned', ('--config.pretrain.vision_steps=0', '--config.pretrain.lm_steps=1500',
+                 '--config.pretrain.token_curriculum=0.0', '--config.pretrain.lr=3e-4',
+                 '--config.pretrain.pair_ground=True', '--config.pretrain.spatial_weight=1.0',
+                 '--config.pretrain.background_dropout=0.5')),
 )
 
 

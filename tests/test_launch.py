@@ -284,7 +284,7 @@ if __name__ == '__main__':
 def test_tiny_vlm_recipe_stages_chain_and_validate(capsys, tmp_path):
   recipe = load_script('tiny_vlm_recipe')
   lines = dry_run_lines(capsys, recipe, [f'--workdir={tmp_path}', '--', '--config.seed=3'])
-  assert len(lines) == len(recipe.STAGES) == 3
+  assert len(lines) == len(recipe.STAGES) == 4
   for i, (line, (stage, _)) in enumerate(zip(lines, recipe.STAGES)):
     argv = shlex.split(line)
     assert f'--workdir={tmp_path / stage}' in argv and argv[-1] == '--config.seed=3'
@@ -296,5 +296,6 @@ def test_tiny_vlm_recipe_stages_chain_and_validate(capsys, tmp_path):
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f'pair_ground: {"false" if stage == "base" else "true"}' in r.stdout
-    assert f'spatial_weight: {1.0 if stage == "spatial" else 0.0}' in r.stdout
+    assert f'spatial_weight: {1.0 if stage in ("spatial", "thinned") else 0.0}' in r.stdout
+    assert f'background_dropout: {0.5 if stage == "thinned" else 0.0}' in r.stdout
     assert (f'init_from: {tmp_path / previous / "vlm"}' if i else 'init_from: null') in r.stdout

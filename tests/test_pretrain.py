@@ -41,3 +41,24 @@ def test_pair_targets_split_the_two_named_digits_over_two_heads():
     assert targets[e, 0].sum() == targets[e, 1].sum() == 1, ex['question']
     assert sorted(np.flatnonzero(targets[e, :2].any(0)).tolist()) == sorted(ex['region'].tolist())
   assert spatial == 4
+
+
+def test_curriculum_keep_and_background_dropout():
+  import jax  # pylint: disable=g-import-not-at-top
+  b, n = 400, 144
+  patch_digit = np.full((b, n), 10)
+  patch_digit[:, ::20] = 3  # 8 digit patches per example
+  patch_digit = jnp.asarray(patch_digit)
+  rng = jax.random.PRNGKey(0)
+  every = np.asarray(pretrain.curriculum_keep(rng, patch_digit, 1.0))
+  assert every.all()
+  some = np.asarray(pretrain.curriculum_keep(rng, patch_digit, 0.25))
+  assert some[:, ::20].all() and abs(some.mean() - (8 + 0.25 * 136) / 144) < 0.01
+  # A zero dropout share draws exactly the plain curriculum.
+  np.testing.assert_array_equal(pretrain.curriculum_keep(rng, patch_digit, 0.25, 0.0), some)
+  thinned = np.asarray(pretrain.curriculum_keep(rng, patch_digit, 1.0, 0.5))
+  assert thinned[:, ::20].all()  # digits always stay
+  full_rows = thinned.all(axis=1)
+  assert 0.4 < full_rows.mean() < 0.6  # about half the examples are thinned
+  shares = thinned[~full_rows].mean(axis=1)
+  assert shares.min() < 0.3 and shares.max() > 0.8  # per-example shares spread over [0, 1)

@@ -28,6 +28,16 @@ pretrained CLIP that stays frozen while the projector learns, so the recipe does
    only after 2,400 stage-2 steps.
    Caveat for pruning studies: attention-ranked pruners (FastV, PyramidDrop, the GRIP attention
    teacher) read attention that was trained to point at the answer region.
+   Further stage-2 options, used by the later stages of `launch/tiny_vlm_recipe.py`, each
+   continuing from the previous stage's params (`pretrain.init_from`):
+   - `pretrain.pair_ground`: when a question names two digits ("is the three left of the
+     eight ?"), head 0 of the answer slot grounds on the first digit and head 1 on the second,
+     instead of both on the pair, whose positions one head would average together;
+   - `pretrain.spatial_weight`: position auxiliaries (`SpatialProbe`) that regress each visual
+     token's grid coordinates and, from the answer slot, the offset between the two named digits;
+   - `pretrain.background_dropout`: a share of the examples have their background patches thinned
+     at random (digit patches stay), so the LM learns to answer, and count, from the objects
+     rather than from the number of tokens: pruned inputs stop being out of distribution.
 
 Both stages log image-dependence figures on validation: accuracy with shuffled images, the spread of
 answer logits across images and the variance of projected tokens across images, so a collapse shows
@@ -179,10 +189,21 @@ def answer_logits(vlm, params, batch, position_mode='keep', pixels=None, visual_
   return logits[:, -1]  # (B, V): the <sep> slot predicts the answer word
 
 
-def curriculum_keep(rng, patch_digit, background_keep):
+def curriculum_keep(rng, patch_digit, background_keep, background_dropout=0.0):
   """Visual validity (B, N) of the token curriculum: every digit patch, and each background patch
-  with probability `background_keep` (1.0: every token)."""
-  background = jax.random.uniform(rng, patch_digit.shape) < background_keep
+  with probability `background_keep` (1.0: every token).
+
+  With `background_dropout` > 0, that share of the examples (drawn per example) keeps each
+  background patch with a probability drawn uniformly from [0, 1) per example instead: the LM
+  then sees inputs that a pruner has thinned and must answer, counting included, from the objects
+  rather than from how many tokens there are.
+  """
+  # `rng` itself draws the patches, so background_dropout=0 gives the draws of the plain curriculum.
+  r_patch, r_share, r_which = rng, jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
+  b = patch_digit.shape[0]
+  thinned = jax.random.uniform(r_which, (b, 1)) < background_dropout
+  keep = jnp.where(thinned, jax.random.uniform(r_share, (b, 1)), background_keep)  # (B, 1)
+  background = jax.random.uniform(r_patch, patch_digit.shape) < keep
   return (patch_digit < 10) | background
 
 
@@ -453,7 +474,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     keep = jnp.where(lm_step_index >= curriculum_steps, 1.0,
                      pc.curriculum_min_keep + (1.0 - pc.curriculum_min_keep) * progress)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), state['step'])
-    visual_valid = curriculum_keep(rng, batch['patch_digit'], keep)
+    visual_valid = curriculum_keep(rng, batch['patch_digit'], keep, pc.background_dropout)
     def loss_fn(trainable):
       return _lm_loss(vlm, dict(trainable['vlm'], vision=frozen), batch, tok.eos_id,
                       config.model.position_mode, visual_valid, pc.question_loss_weight,
