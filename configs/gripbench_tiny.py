@@ -113,6 +113,9 @@ def get_config(arg=None):
   c.ablation.seeds = (0, 1, 2)  # One training run per variant (and budget, for per_budget) per seed.
   c.ablation.train_steps = 120  # Steps of every run (warm-up + GRPO, or the relaxation's steps).
   c.ablation.warmup_steps = 40  # Of which warm-up (budget_aware, per_budget; all of warmup_only).
+  c.ablation.references = (  # Reference and baseline methods, evaluated once on the same examples.
+      'full', 'random', 'uniform', 'fastervlm', 'visionzip', 'divprune', 'vispruner', 'cdpruner',
+      'dart', 'fastv', 'pyramiddrop', 'sparsevlm')
   c.ablation.eval_examples = 500  # First test examples each agent is evaluated on.
 
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------

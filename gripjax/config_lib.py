@@ -162,10 +162,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(str(e)) from None
   if 'ablation' in c:
     from gripjax.eval import ablations  # pylint: disable=g-import-not-at-top
+    from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     try:
       ablations.check_variants(c.ablation.variants)
+      evaluate.check_methods(c.ablation.references)
     except ValueError as e:
-      raise ConfigError(str(e)) from None
+      raise ConfigError(str(e).replace('config.eval.methods', 'config.ablation.references')) from None
+    if 'grip' in c.ablation.references:
+      _fail('ablation.references', c.ablation.references,
+            "reference and baseline methods only: the agent's rows are the variants")
     seeds = c.ablation.seeds
     if not isinstance(seeds, tuple) or not seeds or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):

@@ -40,6 +40,8 @@ def test_nested_tuple_and_nullable_overrides():
     ('--config.model.vit.patch_size=7', 'config.model.vit.image_size=96 is invalid'),
     ('--config.pretrain.batch_size=0', 'config.pretrain.batch_size=0 is invalid'),
     ('--config.pretrain.background_dropout=1.5', 'config.pretrain.background_dropout=1.5 is invalid'),
+    ("--config.ablation.references=('full','grip')", 'config.ablation.references='),
+    ("--config.ablation.references=('fullx',)", "config.ablation.references contains unknown method 'fullx'"),
     ('--config.pretrain.spatial_weight=-1.0', 'config.pretrain.spatial_weight=-1.0 is invalid'),
 ])
 def test_bad_value_fails_at_start_up_naming_the_field(override, message):

@@ -115,12 +115,15 @@ def test_demo_trains_agent_then_compares_it_with_baselines(tmp_path, pretrained,
 def test_ablations_train_each_variant_per_seed_and_summarize(tmp_path, pretrained, data_dir):
   work, _ = pretrained
   _main(tmp_path, 'ablations', "--config.ablation.variants=('warmup_only',)",
+        "--config.ablation.references=('full','dart')",
         '--config.eval.budgets=(0.25,)', f'--config.vlm_checkpoint={work / "vlm"}',
         data_dir=data_dir)
   rows = json.loads((tmp_path / 'ablations' / 'results.json').read_text())
-  assert sorted((r['method'], r['seed']) for r in rows) == [('grip:warmup_only', 0),
-                                                             ('grip:warmup_only', 1)]
-  assert all(r['n'] == 16 and r['kept_tokens'] == 9 for r in rows)
+  assert sorted((r['method'], r['seed']) for r in rows) == [
+      ('dart', 0), ('full', 0), ('grip:warmup_only', 0), ('grip:warmup_only', 1)]
+  assert all(r['n'] == 16 for r in rows)  # the same examples for the variants and the references
+  assert all(r['kept_tokens'] == 9 for r in rows if r['method'] != 'full')
   summary = json.loads((tmp_path / 'ablations' / 'summary.json').read_text())
-  assert {s['method']: s['seeds'] for s in summary} == {'grip:warmup_only': [0, 1]}
+  assert {s['method']: s['seeds'] for s in summary} == {'grip:warmup_only': [0, 1], 'dart': [0],
+                                                        'full': [0]}
   assert '± ' in (tmp_path / 'ablations' / 'summary.md').read_text()

@@ -13,9 +13,13 @@ Each variant is trained once per seed of `config.ablation.seeds` (same schedule 
                  with a straight-through top-k mask (`train.algorithm='relaxation'`);
   per_budget     one agent per budget, trained at that keep ratio only and evaluated there.
 
+The methods of `config.ablation.references` (`full` and the baselines) are evaluated on the same
+examples and budgets, so the summary compares the variants with them directly.
+
 Writes `WORKDIR/ablations/results.json` (one row per variant, seed, budget, in the eval row format
-with `method` = 'grip:VARIANT' and a `seed` field), `summary.json` (mean and sample std over seeds)
-and `summary.md`. Finished runs are reused, so an interrupted ablation resumes.
+with `method` = 'grip:VARIANT' and a `seed` field; reference rows keep their method name),
+`summary.json` (mean and sample std over seeds) and `summary.md`. Finished runs are reused, so an
+interrupted ablation resumes.
 """
 
 from __future__ import annotations
@@ -136,6 +140,17 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
         for r in got:
           r.pop('examples', None)
           rows.append(dict(r, method=f'grip:{variant}', seed=int(seed)))
+  references = evaluate.check_methods(config.ablation.references)
+  if 'grip' in references:
+    raise ValueError("config.ablation.references contains 'grip': the agent's rows are the variants; "
+                     'expected the reference and baseline methods only.')
+  if references:
+    budgets = tuple(float(r) for r in config.eval.budgets if r < 1.0)
+    got = evaluate.evaluate(config, vlm, params, source, tok, references, budgets, ('keep',),
+                            config.ablation.eval_examples)
+    for r in got:
+      r.pop('examples', None)
+      rows.append(dict(r, seed=int(config.seed)))
   summary = summarize(rows)
   for name, obj in (('results.json', rows), ('summary.json', summary)):
     with open(os.path.join(out_dir, name + '.tmp'), 'w') as f:
