@@ -37,7 +37,7 @@ def test_log_prob_equals_enumeration(n, k):
 
 
 def test_log_prob_with_invalid_tokens_and_order_valid():
-  n, k_max = 5, 3
+  k_max = 3
   s = np.array([0.3, -1.0, 2.0, 0.5, 1.2])
   valid = np.array([True, False, True, True, True])
   for k in (1, 2, 3):
