@@ -165,9 +165,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     try:
       ablations.check_variants(c.ablation.variants)
-      evaluate.check_methods(c.ablation.references)
+      evaluate.check_methods(c.ablation.references, 'config.ablation.references')
     except ValueError as e:
-      raise ConfigError(str(e).replace('config.eval.methods', 'config.ablation.references')) from None
+      raise ConfigError(str(e)) from None
     if 'grip' in c.ablation.references:
       _fail('ablation.references', c.ablation.references,
             "reference and baseline methods only: the agent's rows are the variants")

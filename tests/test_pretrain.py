@@ -22,10 +22,12 @@ def test_pair_targets_split_the_two_named_digits_over_two_heads():
   for e, ex in enumerate(examples):
     region[e, ex['region']] = True
   heads = 3  # heads 0 and 1 split the pair; head 2 keeps the answer region
-  targets = np.asarray(pretrain._pair_targets(  # pylint: disable=protected-access
+  targets, pair = pretrain._pair_targets(  # pylint: disable=protected-access
       jnp.broadcast_to(jnp.asarray(region)[:, None], (len(examples), heads, n)),
       {'question_ids': jnp.asarray(ids), 'patch_digit': jnp.asarray(patch_digit)},
-      digit_of))
+      digit_of)
+  targets = np.asarray(targets)
+  np.testing.assert_array_equal(pair, [ex['task'] == 'spatial' for ex in examples])
   spatial = 0
   for e, ex in enumerate(examples):
     np.testing.assert_array_equal(targets[e, 2], region[e])

@@ -43,6 +43,11 @@ def check_variants(variants) -> tuple[str, ...]:
   return tuple(variants)
 
 
+def pruned_budgets(config) -> tuple[float, ...]:
+  """The budgets of `config.eval.budgets` below 1 (the ones a pruner or an agent is run at)."""
+  return tuple(float(r) for r in config.eval.budgets if r < 1.0)
+
+
 def variant_configs(config, variant: str, seed: int, data_dir: str):
   """[(budgets evaluated, training config)] of one variant and seed (several for per_budget)."""
   a = config.ablation
@@ -52,7 +57,7 @@ def variant_configs(config, variant: str, seed: int, data_dir: str):
   base.train.steps = a.train_steps
   base.train.warmup_steps = min(a.warmup_steps, a.train_steps)
   base.train.checkpoint_every = max(1, min(base.train.checkpoint_every, a.train_steps))
-  budgets = tuple(float(r) for r in config.eval.budgets if r < 1.0)
+  budgets = pruned_budgets(config)
   if variant == 'budget_aware':
     return [(budgets, base)]
   if variant == 'warmup_only':
@@ -140,13 +145,13 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
         for r in got:
           r.pop('examples', None)
           rows.append(dict(r, method=f'grip:{variant}', seed=int(seed)))
-  references = evaluate.check_methods(config.ablation.references)
+  references = evaluate.check_methods(config.ablation.references, 'config.ablation.references')
   if 'grip' in references:
     raise ValueError("config.ablation.references contains 'grip': the agent's rows are the variants; "
                      'expected the reference and baseline methods only.')
   if references:
-    budgets = tuple(float(r) for r in config.eval.budgets if r < 1.0)
-    got = evaluate.evaluate(config, vlm, params, source, tok, references, budgets, ('keep',),
+    got = evaluate.evaluate(config, vlm, params, source, tok, references, pruned_budgets(config),
+                            ('keep',),
                             config.ablation.eval_examples)
     for r in got:
       r.pop('examples', None)

@@ -39,11 +39,12 @@ def known_methods() -> tuple[str, ...]:
   return REFERENCE_METHODS + tuple(pruning.METHODS) + AGENT_METHODS
 
 
-def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
+def check_methods(methods: Iterable[str], field: str = 'config.eval.methods') -> tuple[str, ...]:
+  """`methods` as a tuple; ValueError naming `field` and the known methods for an unknown one."""
   known = known_methods()
   for m in methods:
     if m not in known:
-      raise ValueError(f'config.eval.methods contains unknown method {m!r}: known methods are {known}')
+      raise ValueError(f'{field} contains unknown method {m!r}: known methods are {known}')
   return tuple(methods)
 
 
@@ -63,9 +64,10 @@ def make_encode(vlm):
 
 
 def make_eval_step(vlm, method: str, k: int, agent=None):
-  """A jitted (params, encoded, batch, rng, renumber) -> (correct (B,), region_recall (B,), index (B, k)).
+  """A jitted (params, encoded, batch, rng, position_mode) -> (correct (B,), region_recall (B,),
+  index (B, k)).
 
-  `renumber` is a bool scalar array that picks the position mode at run time (True: 'renumber'),
+  `position_mode` is a bool scalar array that picks the mode at run time (True: 'renumber'),
   so both modes share one compiled function. `agent` is (scorer, scorer_params) for method 'grip'.
   """
   n = runtime.num_visual_tokens_of(vlm)
@@ -172,11 +174,8 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   if 'grip' in methods and agent is None:
     agent = load_agent(config, vlm)
   # One compiled function per (method, kept count): the position mode is a run-time flag.
-  steps = {}
-  for job in jobs:
-    key = (job[0], max(kept[job], 1))
-    if key not in steps:
-      steps[key] = make_eval_step(vlm, *key, agent)
+  step_of = {job: (job[0], max(kept[job], 1)) for job in jobs}
+  steps = {key: make_eval_step(vlm, *key, agent) for key in set(step_of.values())}
   encode = make_encode(vlm)
   results = {job: {'correct': [], 'recall': [], 'seconds': 0.0, 'batch_seconds': []} for job in jobs}
   tasks = []
@@ -195,7 +194,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     for job in jobs:
       t0 = time.time()
       renumber = np.asarray(job[2] == 'renumber')
-      c, r, index = steps[job[0], max(kept[job], 1)](params, enc, arrays, rng, renumber)
+      c, r, index = steps[step_of[job]](params, enc, arrays, rng, renumber)
       c = np.asarray(c)
       results[job]['seconds'] += time.time() - t0
       results[job]['batch_seconds'].append(time.time() - t0)

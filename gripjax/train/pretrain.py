@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -223,15 +224,15 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   depth = _llm_depth(vlm)
   l_ground = l_word = l_spatial = jnp.zeros(())
   pair = jnp.zeros((b,), bool)
-  head_targets = jnp.broadcast_to(batch['region_mask'][:, None, :], (b, max(ground_heads, 2), n))
+  region_targets = jnp.broadcast_to(batch['region_mask'][:, None, :], (b, max(ground_heads, 2), n))
+  head_targets = region_targets
   if (pair_ground or spatial_weight > 0) and word_targets is not None:
-    head_targets, pair = _pair_targets(head_targets, batch, word_targets[0], with_pair=True)
+    head_targets, pair = _pair_targets(region_targets, batch, word_targets[0])
   if ground_weight > 0 and ground_heads > 0 and depth > 1:
     # Layer by layer so every layer's attention can be read; the <sep> slot (which predicts the
     # answer) is the second to last.
     has_region = batch['region_mask'].any(axis=1)  # (B,) "no" answers and zero counts have none
-    answer_targets = (head_targets if pair_ground and ground_heads >= 2 else
-                      jnp.broadcast_to(batch['region_mask'][:, None, :], head_targets.shape))
+    answer_targets = head_targets if pair_ground and ground_heads >= 2 else region_targets
     answer_targets = answer_targets[:, :ground_heads]  # (B, Hg, N)
     per_layer = []
     for i in range(depth):
@@ -249,7 +250,7 @@ def _lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, quest
   logits = vlm.apply(variables, h, method='logits')  # (B, 1+N+T+1, V)
   if spatial is not None and spatial_weight > 0:
     l_spatial = _spatial_loss(spatial, spatial_params, visual, h[:, -2], head_targets, pair,
-                              int(round(n ** 0.5)))
+                              math.isqrt(n))
   l_probe = jnp.zeros(())
   if probe is not None and probe_slots > 0:
     # Slots of the last `probe_slots` question words: [..., word, ?, <sep>, answer] -> before '?'.
@@ -288,7 +289,7 @@ def word_ground_targets(tok, num_colors):
   return jnp.asarray(digit, jnp.int32), jnp.asarray(color, jnp.int32)
 
 
-def _pair_targets(head_targets, batch, digit_of, with_pair=False):
+def _pair_targets(head_targets, batch, digit_of):
   """Answer-slot targets when the question names two digits ("is the three left of the eight ?").
 
   The answer depends on which of the two patches is where, and one head attending to both mixes
@@ -301,7 +302,7 @@ def _pair_targets(head_targets, batch, digit_of, with_pair=False):
     batch: with question_ids (B, T) and patch_digit (B, N).
     digit_of: int32 (V,) the digit each token names, -1 for other tokens.
   Returns:
-    bool (B, Hg, N); with `with_pair`, also the (B,) bool mask of pair questions.
+    (bool (B, Hg, N) targets, bool (B,) mask of the pair questions).
   """
   d = digit_of[batch['question_ids']]  # (B, T)
   named = d >= 0
@@ -313,8 +314,7 @@ def _pair_targets(head_targets, batch, digit_of, with_pair=False):
   pd = batch['patch_digit']  # (B, N)
   pair_targets = jnp.stack([pd == first[:, None], pd == second[:, None]], axis=1)  # (B, 2, N)
   heads01 = jnp.where(pair[:, None, None], pair_targets, head_targets[:, :2])
-  targets = jnp.concatenate([heads01, head_targets[:, 2:]], axis=1)
-  return (targets, pair) if with_pair else targets
+  return jnp.concatenate([heads01, head_targets[:, 2:]], axis=1), pair
 
 
 def _word_ground_loss(attn, batch, word_targets, n):
@@ -403,11 +403,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   rng = jax.random.PRNGKey(config.seed)
   init_rng, head_rng = jax.random.split(rng)
-  params = runtime.init_params(vlm, init_rng)
   if pc.init_from:
     # Continue from a whole trained VLM (vision tower, projector and LM), e.g. for a further
     # stage-2 cycle with `vision_steps=0`.
     params = runtime.load_vlm_params(config, vlm, pc.init_from)
+  else:
+    params = runtime.init_params(vlm, init_rng)
   if pc.init_vision_from:
     # Start from a trained vision tower (for instance the shipped VLM's) instead of random weights.
     params = dict(params, vision=runtime.load_vlm_params(config, vlm, pc.init_vision_from)['vision'])

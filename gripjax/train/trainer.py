@@ -208,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     make_step = step_lib.make_train_step
   train_step = make_step(vlm, scorer, tx, config, mesh,
-                                        state_sharding=state_shardings, vlm_sharding=vlm_shardings)
+                         state_sharding=state_shardings, vlm_sharding=vlm_shardings)
   batches = pipeline.prefetch(pipeline.batch_iterator(
       train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count()))
