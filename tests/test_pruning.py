@@ -14,7 +14,6 @@ import pytest
 from gripjax import pruning
 from gripjax.pruning import base
 from gripjax.pruning import cdpruner
-from gripjax.pruning import dart
 from gripjax.pruning import divprune
 from gripjax.pruning import uniform
 from gripjax.pruning import vispruner
@@ -174,10 +173,11 @@ def test_divprune_matches_numpy_greedy():
 
 
 def numpy_relevance(tokens, question, mask):
+  """The released CDPruner relevance: negated mean cosine, (s - min + 1e-6) / (max - min)."""
   v = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
   q = question[mask] / np.linalg.norm(question[mask], axis=-1, keepdims=True)
-  r = (v @ q.T).mean(axis=1)
-  return (r - r.min()) / (r.max() - r.min())
+  s = -(v @ q.T).mean(axis=1)
+  return (s - s.min() + 1e-6) / (s.max() - s.min())
 
 
 def numpy_greedy_logdet(L, k):
@@ -203,10 +203,10 @@ def test_cdpruner_matches_numpy_greedy_logdet(theta):
       r = numpy_relevance(*(np.asarray(a[i], np.float64) for a in (ctx.tokens, ctx.question)),
                           np.asarray(ctx.question_mask[i]))
       w = r if theta is None else np.exp(theta / (2 * (1 - theta)) * r)
-      f = np.asarray(ctx.features[i], np.float64)
+      f = np.asarray(ctx.tokens[i], np.float64)  # similarity on the projected tokens
       f /= np.linalg.norm(f, axis=-1, keepdims=True)
       np.testing.assert_allclose(L[i], w[:, None] * (f @ f.T) * w[None, :], atol=1e-5)
-    k = 7 if theta is None else 8  # with w = r one token has w = 0: log det -inf, picked last
+    k = 7 if theta is None else 8  # with w = r one token has w ~ 1e-6: a near-zero gain, picked last
     order = np.asarray(jax.jit(cdpruner.greedy_map, static_argnums=1)(jnp.asarray(L, jnp.float32), k))
     for i in range(2):
       want = numpy_greedy_logdet(L[i], k)
@@ -239,11 +239,11 @@ def numpy_visionzip(tokens, features, attn, k):
   targets = rest[::step][:c]
   others = [i for i in rest if i not in targets]
   f = features / np.linalg.norm(features, axis=-1, keepdims=True)
-  groups = {t: [t] for t in targets}
+  groups = {t: [] for t in targets}
   for o in others:
     groups[targets[int(np.argmax([f[o] @ f[t] for t in targets]))]].append(o)
   out = {i: tokens[i] for i in dominant}
-  out.update({t: tokens[g].mean(axis=0) for t, g in groups.items()})
+  out.update({t: tokens[t] + (tokens[g].mean(axis=0) if g else 0.0) for t, g in groups.items()})
   index = sorted(out)
   return index, np.stack([out[i] for i in index])
 
@@ -265,33 +265,15 @@ def test_vispruner_keeps_important_and_removes_duplicates():
   ctx = make_ctx(seed=11)
   k = 10
   imp, _ = vispruner.split_budget(k)
+  assert (imp, vispruner.split_budget(5), vispruner.split_budget(1)) == (5, (2, 3), (0, 1))
   kept = np.asarray(jitted(vispruner.prune, k)(ctx).index)
   top = np.argsort(-np.asarray(ctx.cls_attn), axis=1, kind='stable')[:, :imp]
   for i in range(B):
     assert set(top[i]) <= set(kept[i])
-  # Exact duplicates of one feature vector: at most one survives when few tokens are kept.
+  # Exact duplicates of one feature vector: when few tokens are kept, most copies are removed.
   features = np.asarray(ctx.features).copy()
   features[:, 1::2] = features[:, :1]  # odd tokens (18 of them) duplicate token 0
-  dup_ctx = ctx.replace(features=jnp.asarray(features),
-                        cls_attn=jnp.zeros_like(ctx.cls_attn).at[:, 0].set(1.0))
-  kept = np.asarray(jitted(vispruner.prune, 8, important_ratio=0.1)(dup_ctx).index)
+  dup_ctx = ctx.replace(features=jnp.asarray(features))
+  kept = np.asarray(jitted(vispruner.prune, 8, important_ratio=0.0)(dup_ctx).index)
   for i in range(B):
-    assert np.sum(kept[i] % 2 == 1) <= 1, kept[i]
-
-
-def test_dart_keeps_pivots_and_drops_their_duplicates():
-  ctx = make_ctx(seed=13)
-  k = 17
-  p = dart.num_pivots_for(k)
-  assert p == 2 and dart.num_pivots_for(64) == 8 and dart.num_pivots_for(3) == 1
-  kept = np.asarray(jitted(dart.prune, k)(ctx).index)
-  pivots = np.argsort(-np.linalg.norm(np.asarray(ctx.tokens), axis=-1), axis=1)[:, :p]
-  for i in range(B):
-    assert set(pivots[i]) <= set(kept[i])
-  # Tokens that are scaled copies of the top pivot are never picked as its complement.
-  tokens = np.asarray(ctx.tokens).copy()
-  tokens[:, 0] *= 100.0  # token 0 is the top pivot
-  tokens[:, 1:6] = 0.5 * tokens[:, :1]
-  kept = np.asarray(jitted(dart.prune, 5)(ctx.replace(tokens=jnp.asarray(tokens))).index)
-  for i in range(B):
-    assert 0 in kept[i] and not set(kept[i]) & {1, 2, 3, 4, 5}, kept[i]
+    assert np.sum(kept[i] % 2 == 1) <= 2, kept[i]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gripjax import pruning
-from gripjax.eval import efficiency
+from gripjax.models import costs
 from gripjax.models import init_params, make_vlm
 from gripjax.pruning import base
 from gripjax.pruning import fastv
@@ -224,11 +224,11 @@ def test_sparsevlm_raters_and_recycling():
 
 def test_inlm_prefill_flops_fastv():
   c = tiny_config()
-  by_hand = (2 * efficiency.llm_layer_flops(c, 1 + N + T) + efficiency.llm_layer_flops(c, 1 + K + T)
+  by_hand = (2 * costs.llm_layer_flops(c, 1 + N + T) + costs.llm_layer_flops(c, 1 + K + T)
              + 2 * D * 20)  # K = 2 layers on all tokens, 1 on k, the LM head at the last slot
   assert inlm.inlm_prefill_flops(c, 'fastv', K, T) == by_hand
-  pre_lm = efficiency.prefill_flops(c, K, T)
-  full = efficiency.prefill_flops(c, N, T)
+  pre_lm = costs.prefill_flops(c, K, T)
+  full = costs.prefill_flops(c, N, T)
   assert inlm.inlm_prefill_flops(c, 'fastv', N, T) == full
   for name in pruning.IN_LM_METHODS:  # in-LM at k costs more than pre-LM at k, less than unpruned
     assert pre_lm < inlm.inlm_prefill_flops(c, name, K, T) < full, name

@@ -1,20 +1,24 @@
 """Visual-token pruners, one file per method, one signature: `prune(ctx, k) -> Kept`.
 
 See `base.py` for the contract. Pre-LM methods only look at the context's tensors; in-LM methods
-(FastV, PyramidDrop, SparseVLM) will use `ctx.lm` and join `METHODS` under their own names.
+(FastV, PyramidDrop, SparseVLM, DART) run LM layers and are called through `inlm.run` (their
+`prune(ctx, k)` raises).
 
-| method     | paper                       | scores / rule                                         |
-|------------|-----------------------------|-------------------------------------------------------|
-| random     | -                           | uniform random k-subset per example                   |
-| uniform    | -                           | evenly spaced lattice over the patch grid             |
-| fastervlm  | arXiv 2412.01818 (v1)       | top-k [CLS] attention                                 |
-| visionzip  | arXiv 2412.04467            | dominant by [CLS] attention + merged contextual       |
-| divprune   | arXiv 2503.02175            | greedy max-min cosine distance on tokens              |
-| vispruner  | arXiv 2412.01818 (v2), ICCV | [CLS]-important + duplicate-removed diverse           |
-| cdpruner   | arXiv 2506.10967            | greedy MAP of a question-conditioned DPP              |
-| dart       | arXiv 2502.11494            | norm pivots + tokens least similar to each pivot      |
+| method      | paper                        | released code followed                          | rule                                             |
+|-------------|------------------------------|-------------------------------------------------|--------------------------------------------------|
+| random      | -                            | -                                               | uniform random k-subset per example              |
+| uniform     | -                            | -                                               | evenly spaced lattice over the patch grid        |
+| fastervlm   | arXiv 2412.01818 (v1)        | Theia-4869/FasterVLM llava/model/llava_arch.py  | top-k [CLS] attention                            |
+| visionzip   | arXiv 2412.04467             | dvlab-research/VisionZip visionzip/clip_encoder.py | dominant by [CLS] attention + target + mean(assigned) |
+| divprune    | arXiv 2503.02175             | vbdi/divprune (LLaVA llava_arch.py `DivPrune`)  | greedy max-min cosine distance on tokens         |
+| vispruner   | arXiv 2412.01818 (v2), ICCV  | Theia-4869/VisPruner llava/model/llava_arch.py  | [CLS]-important + <= 8 duplicates removed/round  |
+| cdpruner    | arXiv 2506.10967             | Theia-4869/CDPruner llava/model/llava_arch.py   | greedy MAP of a DPP with negated relevance       |
+| dart (LM)   | arXiv 2502.11494             | ZichenWen1/DART LLaVA modeling_llama.py         | L1 key-norm image + text pivots, least similar   |
+| fastv (LM)  | arXiv 2403.06764             | pkunlp-icler/FastV .../llama/modeling_llama.py  | last token's attention after layer K             |
+| pyramiddrop (LM) | arXiv 2410.17247        | Cooperx521/PyramidDrop llava/model/modeling_llama_pdrop.py | staged drops by last-token attention |
+| sparsevlm (LM) | arXiv 2410.04417          | Gumpest/SparseVLMs llava/model/language_model/  | rater-text attention + recycling                 |
 
-Each file's header lists its deviations from the paper.
+Each file's header lists its deviations from the released code at our geometry.
 """
 
 from gripjax.pruning import base
@@ -42,15 +46,15 @@ METHODS = {
     'divprune': divprune.prune,
     'vispruner': vispruner.prune,
     'cdpruner': cdpruner.prune,
-    'dart': dart.prune,
     # In-LM methods: their prune(ctx, k) raises; run them with gripjax.pruning.inlm.run.
+    'dart': dart.prune,
     'fastv': fastv.prune,
     'pyramiddrop': pyramiddrop.prune,
     'sparsevlm': sparsevlm.prune,
 }
 
 # Methods that drop visual tokens inside the LM (see inlm.py); the harness calls inlm.run for them.
-IN_LM_METHODS = ('fastv', 'pyramiddrop', 'sparsevlm')
+IN_LM_METHODS = ('fastv', 'pyramiddrop', 'sparsevlm', 'dart')
 
 
 def is_in_lm(name: str) -> bool:

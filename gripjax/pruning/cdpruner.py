@@ -1,30 +1,34 @@
 """CDPruner: conditional diversity by greedy MAP inference of a question-conditioned DPP.
 
 Paper: "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs",
-Zhang et al., arXiv 2506.10967.
+Zhang et al., arXiv 2506.10967. Port of the released code: github.com/Theia-4869/CDPruner,
+`llava/model/llava_arch.py` (`encode_images`, the "[CDPruner]" blocks), LLaVA-1.5 setting.
 
-Rule:
-  - relevance r_i: mean over the real question tokens of cos(v_i, q_t), computed in the LM embedding
-    space (`tokens` against `question`), then min-max normalized to [0, 1] per example;
-  - similarity S_ij: cosine similarity of the vision `features` (a PSD Gram matrix);
-  - kernel L = diag(w) S diag(w) with w = r (default), or w = exp(alpha * r),
-    alpha = theta / (2 (1 - theta)) when `theta` is given (the relevance/diversity trade-off of
-    Chen et al. 2018 that CDPruner offers as an option);
-  - greedy MAP (Chen, Zhang & Zhou, "Fast Greedy MAP Inference for Determinantal Point Process to
-    Improve Recommendation Diversity", NeurIPS 2018): each step adds the token that most increases
-    log det L_S. The gain of token j is its squared residual d_j^2 = L_jj - ||c_j||^2 after the
-    incremental Cholesky factor of the selected set, updated in O(N) per step:
-    e_j = (L_pick,j - <c_pick, c_j>) / d_pick, c_j <- [c_j, e_j], d_j^2 <- d_j^2 - e_j^2.
+Rule (as the released code computes it):
+  - similarity S_ij = cos(v_i, v_j) of the projected visual tokens (`tokens`, after the projector);
+  - relevance: s_i = -mean_t cos(e_i, q_t) (the NEGATED mean cosine to the text), then
+    r_i = (s_i - min_j s_j + 1e-6) / (max_j s_j - min_j s_j), so r lies in (0, 1] and the least
+    relevant token keeps a small positive weight;
+  - kernel L = diag(r) S diag(r), or with the optional trade-off theta: w = exp(alpha r),
+    alpha = theta / (2 (1 - theta)) (the released code's commented-out option) and L = diag(w) S diag(w);
+  - greedy MAP (Chen, Zhang & Zhou, NeurIPS 2018): each step adds the token with the largest squared
+    residual d_j^2 = L_jj - ||c_j||^2, then e_j = (L_pick,j - <c_pick, c_j>) / d_pick, c_j <- [c_j, e_j],
+    d_j^2 <- d_j^2 - e_j^2, and the picked token is excluded (its d^2 set to -inf).
 
-Deviations from the paper:
-  - The paper measures relevance between vision-side embeddings and text embeddings from the vision
-    model's text tower (CLIP); we have no text tower, so relevance uses the projected tokens against
-    the LM's question embeddings (both in LM space).
-  - Always returns exactly k tokens: Chen et al. stop once every gain is ~0; we keep picking by the
-    largest (possibly zero) gain, and a pick with d^2 <= eps leaves the factor unchanged. With w = r
-    the least relevant token has w = 0 and is picked last.
-  - If an example has no real question tokens or constant relevance, r = 1 (pure diversity).
-  - Ties go to the lower index.
+Deviations from the released code:
+  - Relevance space. The released code compares CLIP image embeddings (post-layernorm + visual
+    projection of the vision features) with CLIP text-tower embeddings of the instruction and averages
+    the cosine over the text segments. We have no CLIP text tower, so e_i are the projected tokens
+    and q_t the LM's embeddings of the real question tokens (both in LM space); the mean runs over
+    those tokens (padding excluded).
+  - min / max are taken per example (the released code takes them over the whole batch tensor; at its
+    batch size 1 that is per example).
+  - Guards: if every s_i is equal (or the question is empty) r = 1 (pure diversity) instead of a
+    division by zero; a pick with d^2 <= 1e-10 leaves the factor unchanged instead of dividing by
+    sqrt(d^2) ~ 0, so exactly k distinct tokens are returned even when L has rank < k.
+  - Ties go to the lower index (torch.argmax's rule too).
+`similarity_on='features'` (cosine of the pre-projector features) is kept as an ablation; the default
+follows the released code.
 """
 
 from typing import Optional
@@ -34,29 +38,38 @@ import jax.numpy as jnp
 
 from gripjax.pruning import base
 
-_EPS = 1e-10
+_EPS = 1e-10  # Smallest residual d^2 that extends the Cholesky factor.
+RELEVANCE_EPS = 1e-6  # Added to the numerator of the min-max normalisation, as released.
 
 
 def relevance(tokens: jax.Array, question: jax.Array, question_mask: jax.Array) -> jax.Array:
-  """Min-max normalized mean cosine of each token to the real question tokens: (B, N)."""
+  """CDPruner's relevance weights r (B, N) in (0, 1].
+
+  s_i = -(1/|T|) sum_{t real} cos(v_i, q_t);  r_i = (s_i - min s + 1e-6) / (max s - min s).
+
+  Args:
+    tokens: (B, N, D) projected visual tokens.
+    question: (B, T, D) question embeddings.
+    question_mask: (B, T) bool, True on real question tokens.
+  """
   cos = base.cosine_similarity(tokens, question)  # (B, N, T)
   mask = question_mask.astype(cos.dtype)[:, None, :]  # (B, 1, T)
   count = jnp.maximum(mask.sum(axis=-1), 1.0)  # (B, 1)
-  r = (cos * mask).sum(axis=-1) / count  # (B, N)
-  lo = r.min(axis=-1, keepdims=True)
-  span = r.max(axis=-1, keepdims=True) - lo
-  return jnp.where(span > 1e-6, (r - lo) / jnp.maximum(span, 1e-6), 1.0)
+  s = -(cos * mask).sum(axis=-1) / count  # (B, N): negated mean cosine
+  lo = s.min(axis=-1, keepdims=True)
+  span = s.max(axis=-1, keepdims=True) - lo  # (B, 1)
+  return jnp.where(span > 1e-12, (s - lo + RELEVANCE_EPS) / jnp.maximum(span, 1e-12), 1.0)
 
 
 def kernel(ctx: base.PruneContext, theta: Optional[float] = None,
-           similarity_on: str = 'features') -> jax.Array:
+           similarity_on: str = 'tokens') -> jax.Array:
   """The conditional DPP kernel L = diag(w) S diag(w): (B, N, N)."""
-  if similarity_on == 'features':
-    x = ctx.features
-  elif similarity_on == 'tokens':
+  if similarity_on == 'tokens':
     x = ctx.tokens
+  elif similarity_on == 'features':
+    x = ctx.features
   else:
-    raise ValueError(f"similarity_on={similarity_on!r}; expected 'features' or 'tokens'.")
+    raise ValueError(f"similarity_on={similarity_on!r}; expected 'tokens' or 'features'.")
   r = relevance(ctx.tokens, ctx.question, ctx.question_mask)  # (B, N)
   if theta is None:
     w = r
@@ -96,7 +109,7 @@ def greedy_map(L: jax.Array, k: int) -> jax.Array:
 
 
 def prune(ctx: base.PruneContext, k: int, *, theta: Optional[float] = None,
-          similarity_on: str = 'features') -> base.Kept:
+          similarity_on: str = 'tokens') -> base.Kept:
   """Keeps the greedy MAP set of the question-conditioned DPP."""
   base.check_k(k, ctx.num_tokens)
   return base.gather_kept(ctx.tokens, greedy_map(kernel(ctx, theta, similarity_on), k))

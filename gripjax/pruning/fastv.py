@@ -1,23 +1,25 @@
 """FastV: after layer K, keep the visual tokens the last text token attends to most.
 
 Paper: "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
-Vision-Language Models", Chen et al., arXiv 2403.06764 (ECCV 2024).
+Vision-Language Models", Chen et al., arXiv 2403.06764 (ECCV 2024). Port of the released code:
+github.com/pkunlp-icler/FastV, `src/transformers/src/transformers/models/llama/modeling_llama.py`
+(the `USE_FAST_V` branch of `LlamaModel.forward`, inplace variant).
 
-Rule: run layers [0, K) on the full sequence; score each visual token by the attention it receives in
-layer K - 1, averaged over heads; keep the top k visual tokens (in their original order) and run
-layers [K, depth) on `[<bos>] + kept + text`, physically shorter. The answer is read at the last slot.
+Rule (as the released code computes it): run layers [0, K) on the full sequence; take the attention
+probs of layer K - 1, average them over heads, and read the row of the LAST token of the sequence
+(`last_layer_attention_avg[-1]`: the last prompt token, the one that produces the answer); keep the
+visual tokens with the highest scores in that row, in their original order, and run layers
+[K, depth) on `[<bos>] + kept + text`, physically shorter, with the survivors' position ids
+(`position_ids = keep_indexs`). The answer is read at the last slot. `visual_scores` is that rule.
 
-Deviations:
-  - Score row. The paper describes the attention visual tokens receive; FastV's released code
-    averages over all query tokens. We use the row of the LAST text token (the one that produces the
-    answer), as asked in our issue; `visual_scores` is that rule.
-  - Budget. The paper drops a ratio R of the image tokens; we keep exactly k (static), so the LM's last
-    layers see exactly k visual tokens, comparable with pre-LM pruners at k.
-  - K. Default K = 2 (the paper's); clipped to depth - 1 so at least one layer runs after the drop
-    (tiny models). Needs depth >= 2.
-  - Positions. FastV's code keeps the position ids of the survivors: our 'keep' mode. 'renumber'
-    recomputes them contiguously after the drop (see inlm.py).
-Ties go to the lower patch index.
+Deviations from the released code:
+  - Budget. The released code keeps ATTENTION_RANK tokens (from a drop ratio R); we keep exactly k
+    (static), so the LM's last layers see exactly k visual tokens, comparable with pre-LM pruners at k.
+  - K. Default K = 2 (the released default); clipped to depth - 1 so at least one layer runs after the
+    drop (tiny models). Needs depth >= 2.
+  - Positions. 'keep' is the released behaviour; 'renumber' recomputes them contiguously after the
+    drop (see inlm.py), offered for comparison.
+  - Ties go to the lower patch index.
 """
 
 import jax

@@ -1,4 +1,4 @@
-"""Shared machinery of the in-LM pruners (FastV, PyramidDrop, SparseVLM).
+"""Shared machinery of the in-LM pruners (FastV, PyramidDrop, SparseVLM, DART).
 
 A pre-LM pruner chooses k visual tokens and the LM then runs on `[<bos>] + kept + text`. An in-LM
 pruner runs the first LM layers on all N visual tokens and drops visual tokens *inside* the LM: the
@@ -26,7 +26,7 @@ left-padded):
 Before the first drop all N tokens are present, and both modes give the same positions, so with
 nothing dropped (k = N) both equal the unpruned forward.
 
-FLOPs: `inlm_prefill_flops` sums `efficiency.llm_layer_flops` over layers with the length each layer
+FLOPs: `inlm_prefill_flops` sums `costs.llm_layer_flops` over layers with the length each layer
 actually sees, so in-LM methods can be compared honestly with pre-LM ones at equal final k (FastV at
 k spends the first K layers on all N tokens, so it costs more than a pre-LM method at k).
 """
@@ -40,14 +40,14 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from gripjax.eval import efficiency
+from gripjax.models import costs
 from gripjax.models.vlm import check_position_mode
 from gripjax.models.vlm import select_by_mode
 from gripjax.models.vlm import ModelConfig
 from gripjax.pruning import base
 
 # Registered in-LM methods -> module under gripjax.pruning (imported lazily: they import this file).
-_MODULES = {'fastv': 'fastv', 'pyramiddrop': 'pyramiddrop', 'sparsevlm': 'sparsevlm'}
+_MODULES = {'fastv': 'fastv', 'pyramiddrop': 'pyramiddrop', 'sparsevlm': 'sparsevlm', 'dart': 'dart'}
 
 Drops = tuple[tuple[int, int], ...]
 
@@ -91,7 +91,7 @@ class InLmResult(NamedTuple):
 
 
 def module(name: str):
-  """The module of in-LM method `name` (fastv, pyramiddrop, sparsevlm)."""
+  """The module of in-LM method `name` (fastv, pyramiddrop, sparsevlm, dart)."""
   if name not in _MODULES:
     raise ValueError(f'{name!r} is not an in-LM pruning method; in-LM methods: {", ".join(_MODULES)}.')
   return importlib.import_module(f'gripjax.pruning.{_MODULES[name]}')
@@ -217,12 +217,25 @@ def drop_visual(h, positions, key_valid, keep, text_len: int, position_mode: str
 
 
 # select(h, attn, count, text_valid) -> (keep (B, count) sorted slots, replacement visual h or None);
-# h (B, L, D) and attn (B, H, L, L) are those of the last layer before the drop.
-Select = Callable[[jax.Array, jax.Array, int, jax.Array], tuple]
+# h (B, L, D) and attn (B, H, L, L) are those of the last layer before the drop. With
+# `run_schedule(..., with_keys=True)` it is also given `keys=` (B, L, KVH, Dh), that layer's keys after
+# RoPE, and `norm=`, the LM's final RMSNorm as a function of h.
+Select = Callable[..., tuple]
+
+
+def _layers_with_keys(module, h, positions, key_valid, start: int, stop: int):
+  """Layers [start, stop) -> (h, attn probs of layer stop - 1, keys (B, L, KVH, Dh) of layer stop - 1)."""
+  h, attn, kvs = module.llm.run_layers(h, positions, key_valid, start, stop, attn_layer=stop - 1,
+                                       collect_kv=True)
+  return h, attn, kvs[-1][0]
+
+
+def _final_norm(module, h):
+  return module.llm.norm(h)
 
 
 def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drops: Drops, select: Select,
-                 text_embeds=None) -> InLmResult:
+                 text_embeds=None, with_keys: bool = False) -> InLmResult:
   """Runs the LM with visual tokens dropped at the layers of `drops`; the engine of every in-LM method.
 
   Args:
@@ -233,6 +246,7 @@ def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drop
     drops: static schedule ((layer, count), ...), checked by `check_drops`.
     select: picks the `count` visual slots to keep at each drop (see `Select`).
     text_embeds: optional (B, T, D) used instead of embedding text_ids.
+    with_keys: also give `select` the keys of the last layer before each drop and the final norm.
   Returns:
     InLmResult(logits (B, V), index (B, k), trace).
   """
@@ -249,9 +263,15 @@ def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drop
   text_valid = text_valid.astype(bool)
   trace, start = [], 0
   for layer, count in drops:
-    h, attn = lm.apply('run_layers', h, positions, key_valid, start, layer, layer - 1)
     trace += [h.shape[1]] * (layer - start)
-    keep, visual_h = select(h, attn, count, text_valid)  # (B, count)
+    if with_keys:
+      h, attn, keys = lm.model.apply(lm.variables, h, positions, key_valid, start, layer,
+                                     method=_layers_with_keys)
+      norm = lambda x: lm.model.apply(lm.variables, x, method=_final_norm)
+      keep, visual_h = select(h, attn, count, text_valid, keys=keys, norm=norm)  # (B, count)
+    else:
+      h, attn = lm.apply('run_layers', h, positions, key_valid, start, layer, layer - 1)
+      keep, visual_h = select(h, attn, count, text_valid)  # (B, count)
     h, positions, key_valid = drop_visual(h, positions, key_valid, keep, t, mode, visual_h)
     src = jnp.take_along_axis(src, keep, axis=1)  # (B, count)
     start = layer
@@ -273,9 +293,9 @@ def inlm_schedule(config, method: str, k: int, **hparams) -> Drops:
 
 def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: int | None = None,
                        **hparams) -> int:
-  """Analytic prefill FLOPs of `method`'s staged schedule (same counting as `efficiency.prefill_flops`).
+  """Analytic prefill FLOPs of `method`'s staged schedule (same counting as `costs.prefill_flops`).
 
-  Each layer is counted with `efficiency.llm_layer_flops` at the length it actually sees; the LM head
+  Each layer is counted with `costs.llm_layer_flops` at the length it actually sees; the LM head
   is counted for the last position. The scoring itself reuses the attention the layer computes anyway;
   SparseVLM's recycling (a similarity to r anchors) is lower order and not counted.
   """
@@ -283,14 +303,14 @@ def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: i
   drops = inlm_schedule(config, method, k, **hparams)
   lengths = layer_lengths(n, int(text_len), depth, drops)
   head = 2 * config.model.llm.width * max(vocab_size or config.model.llm.vocab_size, 0)
-  return sum(efficiency.llm_layer_flops(config, length) for length in lengths) + head
+  return sum(costs.llm_layer_flops(config, length) for length in lengths) + head
 
 
 def inlm_kv_cache_bytes(config, method: str, k: int, text_len: int, **hparams) -> int:
   """Bytes of one prompt's KV cache after `method`'s prefill: each layer holds the slots it ran on."""
   n, depth = _num_visual_tokens(config), config.model.llm.depth
   lengths = layer_lengths(n, int(text_len), depth, inlm_schedule(config, method, k, **hparams))
-  per_slot_and_layer = efficiency.kv_cache_bytes(config, 0, 0) // depth  # one slot, k and v
+  per_slot_and_layer = costs.kv_cache_bytes(config, 0, 0) // depth  # one slot, k and v
   return per_slot_and_layer * sum(lengths)
 
 

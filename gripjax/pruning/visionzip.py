@@ -1,25 +1,34 @@
 """VisionZip: dominant tokens by [CLS] attention plus merged contextual tokens.
 
 Paper: "VisionZip: Longer is Better but Not Necessary in Vision Language Models", Yang et al.,
-arXiv 2412.04467.
+arXiv 2412.04467. Port of the released code: github.com/dvlab-research/VisionZip,
+`visionzip/clip_encoder.py` (the "VisionZip" block of `CLIPVisionTower_VisionZip.forward`).
 
-Rule:
-  1. Dominant: the d tokens with the highest [CLS] attention, d = round(k * 54 / 64) (the paper's
-     54 dominant + 10 contextual out of 64), leaving c = k - d >= 1 contextual slots when k >= 2.
-  2. Contextual: the other N - d tokens, in patch order, are split into c targets taken at a uniform
-     stride (position i * max(1, (N - d) // c)) and the rest. Every non-target is assigned to its most
-     similar target (cosine of `features`), and each group (target + its assigned tokens) is replaced
-     by the group average.
-  3. Output sorted by patch index; a merged token carries its target's index.
+Rule (as the released code computes it):
+  1. Dominant: the d tokens with the highest [CLS] attention of the selection layer (summed over heads;
+     the ranking equals our head mean), d = round(k * 54 / 64) (the released 54 dominant + 10
+     contextual of 64), leaving c = k - d >= 1 contextual slots when k >= 2.
+  2. Contextual: the other R = N - d tokens, in patch order, are split into c targets at positions
+     arange(0, R, step)[:c], step = max(1, R // c), and the rest. Every non-target is assigned to its
+     most similar target (cosine), and each contextual token is
+         target + mean(assigned tokens)        (just the target when nothing is assigned).
+  3. Output sorted by patch index; a contextual token carries its target's index.
 
-Deviations from the paper:
-  - Merging happens in `tokens` (projected, LM) space, not on the vision features before the
-    projector: the projector is nonlinear, so the mean of projected tokens is what the LM can take
-    without re-running the projector. Similarities still use `features` (the paper uses the keys of
-    the selection layer; features are the closest input we carry).
-  - The paper's counts (54/10) are for k=64; we keep the ratio for every k (`dominant_ratio`).
+Deviations from the released code:
+  - [CLS] token. The released code always keeps the vision [CLS] token as one of the d dominant
+    tokens (topk(d - 1) + [CLS]). Our VLM passes only patch tokens to the LM, so the d dominant
+    tokens are all patches.
+  - Merge space. The released code merges the vision hidden states (before the projector) and then
+    projects; we merge the projected `tokens` (the LM can take a sum of projected tokens without
+    re-running the nonlinear projector). The similarity uses `features` (the released code uses the
+    selection layer's keys averaged over heads; features are the closest input we carry).
+  - Order. The released code appends the contextual tokens after the dominant ones; we place each at
+    its target's patch index (the pruner contract: sorted, unique indices with defined positions).
+  - Budget. The released counts (54/10) are for k=64 (108/20, 162/30 for 128/192): the same ratio,
+    which we apply at every k (`dominant_ratio`).
   - Ties in [CLS] attention or similarity go to the lower index.
-At k = N every token is dominant or a singleton-group target, so all tokens are kept unchanged.
+At k = N every token is dominant (or, at c >= 1, a target with nothing assigned), so all tokens are
+kept unchanged.
 """
 
 import jax
@@ -66,10 +75,10 @@ def prune(ctx: base.PruneContext, k: int, *,
   if other_pos.size:
     sim = base.cosine_similarity(take(ctx.features, others), take(ctx.features, targets))
     assign = jax.nn.one_hot(jnp.argmax(sim, axis=-1), c, dtype=ctx.tokens.dtype)  # (B, R-c, c)
-    sums = target_tokens + jnp.einsum('bmc,bmd->bcd', assign, take(ctx.tokens, others),
-                                      precision=jax.lax.Precision.HIGHEST)  # (B, c, D)
-    counts = 1.0 + assign.sum(axis=1)  # (B, c)
-    contextual = sums / counts[..., None]  # (B, c, D)
+    sums = jnp.einsum('bmc,bmd->bcd', assign, take(ctx.tokens, others),
+                      precision=jax.lax.Precision.HIGHEST)  # (B, c, D)
+    counts = jnp.maximum(assign.sum(axis=1), 1.0)  # (B, c), as the released clamp(min=1)
+    contextual = target_tokens + sums / counts[..., None]  # (B, c, D): target + mean(assigned)
   else:
     contextual = target_tokens
 
