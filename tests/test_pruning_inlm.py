@@ -1,4 +1,4 @@
-"""Tests for the in-LM pruners (FastV, PyramidDrop, SparseVLM) on a tiny random VLM.
+"""Tests for the in-LM pruners (FastV, PyramidDrop, SparseVLM, DART) on a tiny random VLM.
 
 Run: .venv/bin/python -m pytest -q tests/test_pruning_inlm.py
 """
@@ -14,6 +14,7 @@ from gripjax import pruning
 from gripjax.models import costs
 from gripjax.models import init_params, make_vlm
 from gripjax.pruning import base
+from gripjax.pruning import dart
 from gripjax.pruning import fastv
 from gripjax.pruning import inlm
 from gripjax.pruning import pyramiddrop
@@ -227,6 +228,7 @@ def test_inlm_prefill_flops_fastv():
   by_hand = (2 * costs.llm_layer_flops(c, 1 + N + T) + costs.llm_layer_flops(c, 1 + K + T)
              + 2 * D * 20)  # K = 2 layers on all tokens, 1 on k, the LM head at the last slot
   assert inlm.inlm_prefill_flops(c, 'fastv', K, T) == by_hand
+  assert inlm.inlm_prefill_flops(c, 'dart', K, T) == by_hand  # DART drops at the same layer K = 2
   pre_lm = costs.prefill_flops(c, K, T)
   full = costs.prefill_flops(c, N, T)
   assert inlm.inlm_prefill_flops(c, 'fastv', N, T) == full
@@ -247,3 +249,26 @@ def test_prune_without_handle_raises(name):
     pruning.get(name)(ctx, 0)
   with pytest.raises(ValueError, match="'nope' is not an in-LM"):
     inlm.module('nope')
+
+
+def test_dart_pivots_from_layer_k_minus_1_keys(setup):
+  """DART's kept set equals its selection rule applied to the keys of layer K - 1 as the KV cache of a
+  full prefill holds them (an independent path to the same keys) and the hidden states entering
+  layer K (the final norm's scale is 1 here, so it does not change cosines)."""
+  lm, visual, ids, valid = setup
+  layer, b = 2, visual.shape[0]
+  index = jnp.broadcast_to(jnp.arange(N), (b, N))
+
+  @jax.jit
+  def reference(lm, visual, ids, valid):
+    _, cache = lm.apply('prefill', visual, index, jnp.ones((b, N), bool), ids, valid, 'keep', 1 + N + T)
+    keys = cache['layers'][layer - 1]['k']  # (B, L, KVH, Dh), after RoPE
+    l1 = jnp.abs(keys).sum(axis=(-2, -1))  # (B, L)
+    h, pos, kv = lm.apply('assemble', visual, index, jnp.ones((b, N), bool), ids, valid, 'keep')
+    h, _ = lm.apply('run_layers', h, pos, kv, 0, layer)
+    return dart.select_visual(h[:, 1:1 + N], h[:, 1 + N:], l1[:, 1:1 + N], l1[:, 1 + N:], valid, K,
+                              pivot_image=2, pivot_text=2)
+
+  out = jax.jit(lambda *a: dart.run_staged(*a, K, 'keep', pivot_image=2, pivot_text=2))(lm, visual, ids, valid)
+  np.testing.assert_array_equal(out.index, reference(lm, visual, ids, valid))
+  assert out.trace == (1 + N + T,) * layer + (1 + K + T,) * (DEPTH - layer)

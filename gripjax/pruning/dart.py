@@ -25,8 +25,9 @@ Deviations from the released code:
   - Pivot order. The released code walks the pivots in Python-set order; we walk the image pivots by
     increasing patch index, then the text pivots by increasing position.
   - Padding. Text pivots are chosen among real (non-padding) text tokens; an example with fewer real
-    text tokens than P_txt fills the remaining text-pivot slots with padding slots, which still pick
-    their quota (so the budget stays exact). GRIP-Bench questions are longer than 4 tokens.
+    text tokens than P_txt takes padding slots as its last text pivots, which still pick their quota
+    (so the budget stays exact; if the text has fewer than P_txt slots at all, the last pivot also
+    takes the missing pivots' quotas). GRIP-Bench questions are longer than 4 tokens.
   - K = 2 is clipped to depth - 1 so at least one layer runs after the drop (tiny models); needs
     depth >= 2. Ties go to the lower index.
 Cost: layers [0, K) see all N visual tokens (as FastV), counted by `inlm.inlm_prefill_flops`.

@@ -1,7 +1,8 @@
 """DivPrune: keep a diverse subset by greedy max-min cosine distance.
 
 Paper: "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", Alvar et al.,
-arXiv 2503.02175 (CVPR 2025).
+arXiv 2503.02175 (CVPR 2025). Port of the released code: github.com/vbdi/divprune, LLaVA-1.5
+`llava/model/llava_arch.py` (`DivPrune`, applied to the projected image features).
 
 The paper casts pruning as the Max-Min Diversity Problem on the projected visual tokens with cosine
 distance d(i, j) = 1 - cos(v_i, v_j), and solves it greedily:
@@ -10,8 +11,14 @@ distance d(i, j) = 1 - cos(v_i, v_j), and solves it greedily:
   - then, k - 1 times: add the unselected token whose distance to the selected set,
     min_{s in S} d(i, s), is largest.
 
-Deviations: none in the rule. Ties go to the lower index. The pick order is returned by `greedy_order`
-for tests; `prune` returns the kept set sorted by patch index.
+The released code takes the first pick as the second-smallest entry of each distance column (the
+smallest is the token's zero distance to itself), i.e. the same argmax_i min_{j != i} d(i, j).
+
+Deviations from the released code: the budget is k itself (the released code keeps
+round(threshold_ratio * N)); a picked token is never picked again (the released code would re-pick
+one only if every remaining distance were <= 0, e.g. all exact duplicates); ties go to the lower
+index (torch.argmax's rule too). The pick order is returned by `greedy_order` for tests; `prune`
+returns the kept set sorted by patch index.
 """
 
 import jax

@@ -1,14 +1,15 @@
 """PyramidDrop: drop visual tokens in stages, a pyramid from N down to k, ranked by the last token.
 
 Paper: "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
-Reduction", Xing et al., arXiv 2410.17247 (CVPR 2025).
+Reduction", Xing et al., arXiv 2410.17247 (CVPR 2025). Port of the released code:
+github.com/Cooperx521/PyramidDrop, `llava/model/modeling_llama_pdrop.py` (`pdrop_rank_drop`).
 
 Rule: split the LM into S stages at layers depth * s / S (s = 1 .. S - 1). Stage 0 runs on all N
 visual tokens; at the end of each stage the visual tokens still present are ranked by the attention
 the last instruction token pays them, and only the top ones go on to the next stage (physically
 dropped, not masked). The answer is read at the last slot.
 
-Deviations:
+Deviations from the released code:
   - Budget. The paper fixes the ratio lambda kept at every boundary (0.5 with S = 4) and reports the
     average token count that results. We fix the final k (comparability with pre-LM pruners at k):
     the counts after the boundaries are geometric from N down to k, round(N * (k / N) ** (s / (S - 1))),
@@ -17,6 +18,8 @@ Deviations:
   - Ranking layer. The paper computes the last instruction token's attention with the query/key
     projections of the first layer of the next stage (a light extra attention); we reuse the attention
     probs of the last layer of the finishing stage, which that layer computes anyway (as FastV does).
+  - Positions. The released code renumbers the survivors' position ids contiguously after each drop:
+    our 'renumber' mode; 'keep' (the survivors keep their positions) is offered for comparison.
   - Stages. S is clipped to depth so every stage has at least one layer (tiny models). Needs depth >= 2.
 Ties go to the lower patch index.
 """

@@ -1,7 +1,9 @@
 """SparseVLM: question-guided sparsification inside the LM, with recycling of the deleted tokens.
 
 Paper: "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference",
-Zhang et al., arXiv 2410.04417 (ICML 2025).
+Zhang et al., arXiv 2410.04417 (ICML 2025). Released code: github.com/Gumpest/SparseVLMs,
+`llava/model/language_model/modelling_sparse_llama.py` and `score.py`; the port follows its rule in a
+simplified, budget-exact form (the deviations below).
 
 Rule (ours): at the sparsification layer S (default 2) the text tokens that attend to the image more
 than the average text token are the raters; each visual token is scored by the attention the raters
@@ -11,7 +13,7 @@ tokens (by score, at least r) are each assigned to their most cosine-similar anc
 layer S), and each anchor's group is averaged into one recycled token. Kept + recycled = k visual
 tokens go on, physically shorter, through layers [S, depth). The answer is read at the last slot.
 
-Deviations (kept simple, and budget-exact so it compares with pre-LM pruners at k):
+Deviations from the released code (kept simple, and budget-exact so it compares with pre-LM pruners at k):
   - Layers. The paper sparsifies progressively at several layers; we sparsify once, at layer S
     (default 2, clipped to depth - 1 so one layer runs after it), using the attention probs of layer
     S - 1. Needs depth >= 2.
