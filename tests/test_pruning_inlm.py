@@ -272,3 +272,38 @@ def test_dart_pivots_from_layer_k_minus_1_keys(setup):
   out = jax.jit(lambda *a: dart.run_staged(*a, K, 'keep', pivot_image=2, pivot_text=2))(lm, visual, ids, valid)
   np.testing.assert_array_equal(out.index, reference(lm, visual, ids, valid))
   assert out.trace == (1 + N + T,) * layer + (1 + K + T,) * (DEPTH - layer)
+
+
+def test_pyramiddrop_ranks_with_the_next_layers_attention(setup):
+  """At a boundary into layer l, PyramidDrop ranks by the last token's row of layer l's own attention
+  over the longer sequence (the released `pdrop_rank_drop`), not by layer l - 1's."""
+  lm, visual, ids, valid = setup
+  b = visual.shape[0]
+  drops = pyramiddrop.schedule(N, K, DEPTH)
+  assert drops == ((1, 9), (2, K))
+
+  @jax.jit
+  def reference(lm, visual, ids, valid):
+    index = jnp.broadcast_to(jnp.arange(N), (b, N))
+    h, pos, kv = lm.apply('assemble', visual, index, jnp.ones((b, N), bool), ids, valid, 'renumber')
+    src, start = index, 0
+    for layer, count in drops:
+      h, _ = lm.apply('run_layers', h, pos, kv, start, layer)
+      _, attn = lm.apply('run_layers', h, pos, kv, layer, layer + 1, layer)  # layer l on the longer input
+      n = src.shape[1]
+      scores = attn[:, :, -1, 1:1 + n].mean(axis=1)  # (B, n)
+      keep = jnp.sort(jnp.argsort(-scores, axis=1, stable=True)[:, :count], axis=1)
+      slots = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), 1 + keep,
+                               jnp.broadcast_to(jnp.arange(1 + n, 1 + n + T), (b, T))], axis=1)
+      h = jnp.take_along_axis(h, slots[..., None], axis=1)
+      kv = jnp.take_along_axis(kv, slots, axis=1)
+      pos = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.broadcast_to(jnp.arange(1, count + 1), (b, count)),
+                             count + jnp.cumsum(valid, axis=1)], axis=1)  # renumbered, as released
+      src, start = jnp.take_along_axis(src, keep, axis=1), layer
+    h, _ = lm.apply('run_layers', h, pos, kv, start, DEPTH)
+    return lm.apply('logits', h)[:, -1], src
+
+  want_logits, want_index = reference(lm, visual, ids, valid)
+  out = staged('pyramiddrop', K, 'renumber')(lm, visual, ids, valid)
+  np.testing.assert_array_equal(out.index, want_index)
+  np.testing.assert_allclose(out.logits, want_logits, atol=ATOL)

@@ -235,7 +235,7 @@ def _final_norm(module, h):
 
 
 def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drops: Drops, select: Select,
-                 text_embeds=None, with_keys: bool = False) -> InLmResult:
+                 text_embeds=None, with_keys: bool = False, rank_layer: str = 'previous') -> InLmResult:
   """Runs the LM with visual tokens dropped at the layers of `drops`; the engine of every in-LM method.
 
   Args:
@@ -247,10 +247,15 @@ def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drop
     select: picks the `count` visual slots to keep at each drop (see `Select`).
     text_embeds: optional (B, T, D) used instead of embedding text_ids.
     with_keys: also give `select` the keys of the last layer before each drop and the final norm.
+    rank_layer: whose attention probs `select` gets at a drop at layer l: 'previous' (layer l - 1, the
+      last layer that ran on the longer sequence, as FastV) or 'next' (layer l's own attention over the
+      longer sequence, computed for ranking only, as PyramidDrop; its output is discarded).
   Returns:
     InLmResult(logits (B, V), index (B, k), trace).
   """
   mode = resolve_position_mode(lm, position_mode)
+  if rank_layer not in ('previous', 'next'):
+    raise ValueError(f"rank_layer={rank_layer!r}: expected 'previous' or 'next'.")
   depth = lm.config.llm.depth
   b, n, _ = visual.shape
   t = text_valid.shape[1]
@@ -269,6 +274,10 @@ def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drop
                                      method=_layers_with_keys)
       norm = lambda x: lm.model.apply(lm.variables, x, method=_final_norm)
       keep, visual_h = select(h, attn, count, text_valid, keys=keys, norm=norm)  # (B, count)
+    elif rank_layer == 'next':
+      h, _ = lm.apply('run_layers', h, positions, key_valid, start, layer)
+      _, attn = lm.apply('run_layers', h, positions, key_valid, layer, layer + 1, layer)  # ranking only
+      keep, visual_h = select(h, attn, count, text_valid)  # (B, count)
     else:
       h, attn = lm.apply('run_layers', h, positions, key_valid, start, layer, layer - 1)
       keep, visual_h = select(h, attn, count, text_valid)  # (B, count)
@@ -296,8 +305,10 @@ def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: i
   """Analytic prefill FLOPs of `method`'s staged schedule (same counting as `costs.prefill_flops`).
 
   Each layer is counted with `costs.llm_layer_flops` at the length it actually sees; the LM head
-  is counted for the last position. The scoring itself reuses the attention the layer computes anyway;
-  SparseVLM's recycling (a similarity to r anchors) is lower order and not counted.
+  is counted for the last position. Selection work is not counted here: FastV, SparseVLM and DART
+  reuse the attention or keys a layer computes anyway (plus lower-order similarities to a few
+  pivots or anchors); PyramidDrop ranks with the next layer's q/k projections and one attention row
+  over the longer sequence at each boundary.
   """
   n, depth = _num_visual_tokens(config), config.model.llm.depth
   drops = inlm_schedule(config, method, k, **hparams)

@@ -4,10 +4,13 @@ Paper: "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid 
 Reduction", Xing et al., arXiv 2410.17247 (CVPR 2025). Port of the released code:
 github.com/Cooperx521/PyramidDrop, `llava/model/modeling_llama_pdrop.py` (`pdrop_rank_drop`).
 
-Rule: split the LM into S stages at layers depth * s / S (s = 1 .. S - 1). Stage 0 runs on all N
-visual tokens; at the end of each stage the visual tokens still present are ranked by the attention
-the last instruction token pays them, and only the top ones go on to the next stage (physically
-dropped, not masked). The answer is read at the last slot.
+Rule (as the released code computes it): split the LM into S stages at layers depth * s / S
+(s = 1 .. S - 1). Stage 0 runs on all N visual tokens. At the boundary into layer l, the query of the
+last instruction token and the keys of every slot are computed with layer l's own input norm, q/k
+projections and RoPE on the sequence that reaches it; the softmax row (causal mask), averaged over
+heads, ranks the visual tokens still present, and only the top ones go on through layer l onwards
+(physically dropped, not masked). The answer is read at the last slot. We obtain that row by running
+layer l's attention over the longer sequence and discarding its output (`rank_layer='next'`).
 
 Deviations from the released code:
   - Budget. The paper fixes the ratio lambda kept at every boundary (0.5 with S = 4) and reports the
@@ -15,9 +18,6 @@ Deviations from the released code:
     the counts after the boundaries are geometric from N down to k, round(N * (k / N) ** (s / (S - 1))),
     so the ratio per boundary is lambda = (k / N) ** (1 / (S - 1)); for k = N * 0.5 ** 3 and S = 4
     this is exactly the paper's schedule. `inlm.inlm_average_tokens` gives the average count.
-  - Ranking layer. The paper computes the last instruction token's attention with the query/key
-    projections of the first layer of the next stage (a light extra attention); we reuse the attention
-    probs of the last layer of the finishing stage, which that layer computes anyway (as FastV does).
   - Positions. The released code renumbers the survivors' position ids contiguously after each drop:
     our 'renumber' mode; 'keep' (the survivors keep their positions) is offered for comparison.
   - Stages. S is clipped to depth so every stage has at least one layer (tiny models). Needs depth >= 2.
@@ -49,7 +49,10 @@ def schedule(n: int, k: int, depth: int, num_stages: int = DEFAULT_STAGES) -> in
 
 
 def visual_scores(attn: jax.Array, num_visual: int) -> jax.Array:
-  """Attention the last instruction token pays each visual slot, mean over heads: (B, H, L, L) -> (B, n)."""
+  """Attention the last instruction token pays each visual slot, mean over heads: (B, H, L, L) -> (B, n).
+
+  `attn` is the attention of the first layer after the boundary, over the sequence before the drop.
+  """
   return inlm.last_token_visual_attention(attn, num_visual)
 
 
@@ -61,7 +64,8 @@ def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position
                num_stages: int = DEFAULT_STAGES, text_embeds=None) -> inlm.InLmResult:
   """PyramidDrop with its per-layer length trace: -> InLmResult(logits (B, V), index (B, k), trace)."""
   drops = schedule(visual.shape[1], k, lm.config.llm.depth, num_stages)
-  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, _select, text_embeds)
+  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, _select, text_embeds,
+                           rank_layer='next')
 
 
 def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
