@@ -204,11 +204,11 @@ def test_sparsevlm_raters_and_recycling():
   b, n, t, d = 1, 6, 3, 4
   length = 1 + n + t
   attn = np.zeros((b, 1, length, length), np.float32)
-  attn[0, 0, 1 + n + 0, 1:1 + n] = [0.0, 0.0, 0.0, 0.0, 0.1, 0.0]  # weak text token: not a rater
+  attn[0, 0, 1 + n + 0, 1:1 + n] = [0.0, 0.0, 0.0, 0.0, 0.9, 0.0]  # not a rater: ignored
   attn[0, 0, 1 + n + 1, 1:1 + n] = [0.4, 0.1, 0.0, 0.2, 0.0, 0.0]
   attn[0, 0, 1 + n + 2, 1:1 + n] = [0.2, 0.1, 0.3, 0.0, 0.0, 0.0]
-  raters, scores = sparsevlm.rater_scores(jnp.asarray(attn), n, jnp.ones((b, t), bool))
-  np.testing.assert_array_equal(raters, [[False, True, True]])
+  raters = jnp.asarray([[False, True, True]])
+  scores = sparsevlm.rater_scores(jnp.asarray(attn), n, raters)  # mean of the two raters' rows
   np.testing.assert_allclose(scores, [[0.3, 0.1, 0.15, 0.1, 0.0, 0.0]], atol=1e-6)
   # Keep 2 by score (slots 0, 2) + 2 recycled: the anchors are the best deleted slots 1 and 3 (score
   # 0.1 each), and the other deleted slots join the anchor they resemble: 4 -> 1, 5 -> 3.
@@ -216,7 +216,7 @@ def test_sparsevlm_raters_and_recycling():
   vh = np.stack([e[0], e[1], e[2], e[3], e[1] + 0.1 * e[0], e[3] + 0.2 * e[2]])[None]  # (1, n, d)
   h = np.zeros((b, length, d), np.float32)
   h[:, 1:1 + n] = vh
-  select = jax.jit(sparsevlm.make_select(2, 1.0), static_argnums=2)
+  select = jax.jit(sparsevlm.make_select(2, 1.0, raters), static_argnums=2)
   keep, tokens = select(jnp.asarray(h), jnp.asarray(attn), 4, jnp.ones((b, t), bool))
   np.testing.assert_array_equal(keep, [[0, 1, 2, 3]])
   v = vh[0]

@@ -246,21 +246,32 @@ def test_fastv_last_row_head_mean_hand_case():
   assert pyramiddrop.schedule(576, 72, 32) == ((8, 288), (16, 144), (24, 72))
 
 
-# --- SparseVLM (Gumpest/SparseVLMs): raters are the text tokens above the mean relevance. ----------
+# --- SparseVLM (Gumpest/SparseVLMs): raters from the LM input, scores from their attention rows. ----
 
-def test_sparsevlm_padding_is_never_a_rater():
-  # 3 visual slots, 3 text slots, the first text slot is padding with the largest image attention.
-  # Real tokens' attention mass on the image: slot 1: 0.6, slot 2: 0.2 -> mean 0.4: only slot 1
-  # rates, and the scores are its row [0.1, 0.4, 0.1].
+def test_sparsevlm_raters_hand_case():
+  # Two visual tokens v = e1, 2 e2 and three text tokens (slot 0 padding): t1 = 2 e1, t2 = e2.
+  # v1 . t = [2, 0] -> softmax [0.8808, 0.1192]; v2 . t = [0, 2] -> [0.1192, 0.8808]; the mean over
+  # visual tokens m = [0.5, 0.5]: nobody is above the mean, so every real token rates.
+  visual = jnp.asarray([[[1.0, 0.0], [0.0, 2.0]]])
+  text = jnp.asarray([[[9.0, 9.0], [2.0, 0.0], [0.0, 1.0]]])
+  valid = jnp.asarray([[False, True, True]])
+  assert np.asarray(sparsevlm.text_raters(visual, text, valid)).tolist() == [[False, True, True]]
+  # With v2 = e1 too: both rows are softmax([2, 0]) -> m = [0.8808, 0.1192]: only t1 rates. The
+  # padding slot (huge dot products) is outside the softmax and never rates.
+  visual = jnp.asarray([[[1.0, 0.0], [1.0, 0.0]]])
+  assert np.asarray(sparsevlm.text_raters(visual, text, valid)).tolist() == [[False, True, False]]
+  # Scores: the raters' rows of the head-mean attention, averaged. 3 visual slots, 3 text slots.
   n, t = 3, 3
   length = 1 + n + t
-  attn = np.zeros((1, 1, length, length), np.float32)
-  attn[0, 0, 1 + n + 0, 1:1 + n] = [0.9, 0.0, 0.0]  # padding
-  attn[0, 0, 1 + n + 1, 1:1 + n] = [0.1, 0.4, 0.1]
-  attn[0, 0, 1 + n + 2, 1:1 + n] = [0.0, 0.0, 0.2]
-  raters, scores = sparsevlm.rater_scores(jnp.asarray(attn), n, jnp.asarray([[False, True, True]]))
-  assert np.asarray(raters).tolist() == [[False, True, False]]
+  attn = np.zeros((1, 2, length, length), np.float32)
+  attn[0, :, 1 + n + 0, 1:1 + n] = [0.9, 0.0, 0.0]  # padding row: ignored
+  attn[0, 0, 1 + n + 1, 1:1 + n] = [0.1, 0.5, 0.1]
+  attn[0, 1, 1 + n + 1, 1:1 + n] = [0.1, 0.3, 0.1]  # head mean [0.1, 0.4, 0.1]
+  attn[0, :, 1 + n + 2, 1:1 + n] = [0.0, 0.0, 0.2]
+  scores = sparsevlm.rater_scores(jnp.asarray(attn), n, jnp.asarray([[False, True, False]]))
   np.testing.assert_allclose(np.asarray(scores), [[0.1, 0.4, 0.1]], atol=1e-6)
+  scores = sparsevlm.rater_scores(jnp.asarray(attn), n, jnp.asarray([[False, True, True]]))
+  np.testing.assert_allclose(np.asarray(scores), [[0.05, 0.2, 0.15]], atol=1e-6)
 
 
 @pytest.mark.parametrize('name', sorted(pruning.METHODS))

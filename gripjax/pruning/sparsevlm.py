@@ -5,9 +5,11 @@ Zhang et al., arXiv 2410.04417 (ICML 2025). Released code: github.com/Gumpest/Sp
 `llava/model/language_model/modelling_sparse_llama.py` and `score.py`; the port follows its rule in a
 simplified, budget-exact form (the deviations below).
 
-Rule (ours): at the sparsification layer S (default 2) the text tokens that attend to the image more
-than the average text token are the raters; each visual token is scored by the attention the raters
-pay it (mean over raters and heads). The top k - r visual tokens are kept; the deleted ones are
+Rule (ours): the raters are chosen once, at the LM input, as the released code does: with visual tokens
+v_i and text embeddings t_j, m_j = mean_i softmax_j(v_i . t_j) (the softmax over the real text
+tokens), and the raters are the real text tokens with m_j > mean_j m_j. At the sparsification layer S
+(default 2) each visual token is scored by the attention the raters pay it (mean over raters and
+heads, the released `attn_postprocess_topk`). The top k - r visual tokens are kept; the deleted ones are
 recycled: the r highest-scoring deleted tokens are anchors, the top `recycle_frac` of the deleted
 tokens (by score, at least r) are each assigned to their most cosine-similar anchor (hidden states at
 layer S), and each anchor's group is averaged into one recycled token. Kept + recycled = k visual
@@ -17,11 +19,12 @@ Deviations from the released code (kept simple, and budget-exact so it compares 
   - Layers. The paper sparsifies progressively at several layers; we sparsify once, at layer S
     (default 2, clipped to depth - 1 so one layer runs after it), using the attention probs of layer
     S - 1. Needs depth >= 2.
-  - Raters. The paper selects as raters the text tokens whose relevance to the visual tokens is above
-    the mean; we measure that relevance as the attention mass each real text token pays the visual
-    tokens in layer S - 1 (mean over heads). Padding tokens are never raters.
-  - Count. The paper sets the number deleted adaptively from the rank of the rater-visual attention
-    matrix; we delete exactly enough to end at k.
+  - Raters. Padding tokens are excluded from the softmax and are never raters; if no token is above
+    the mean (e.g. a single real token), every real text token rates (the released code would
+    average over an empty set).
+  - Count. The released code keeps a fixed count per sparsification layer (e.g. 66, 30, 17 at layers
+    2, 6, 15 for 64 tokens; the paper also describes a rank-adaptive count); we delete exactly enough
+    to end at k.
   - Recycling. The paper clusters the recycled tokens (density-peak clustering) and merges each
     cluster; we use the r = min(max(1, k // 8), k - 1) highest-scoring deleted tokens as cluster
     centres and assign by cosine similarity (no recycling when k == 1 or nothing is deleted). The
@@ -63,27 +66,40 @@ def num_recycled(n: int, k: int) -> int:
   return 0 if k == n else min(max(1, k // 8), k - 1)
 
 
-def rater_scores(attn: jax.Array, num_visual: int, text_valid: jax.Array):
-  """Raters and the visual scores they give.
+def text_raters(visual: jax.Array, text: jax.Array, text_valid: jax.Array) -> jax.Array:
+  """The released rater rule at the LM input.
+
+  m_j = (1/n) sum_i softmax_j(v_i . t_j) over the real text tokens j; raters: real j with m_j > mean m.
+
+  Args:
+    visual: (B, n, D) visual tokens entering the LM; text: (B, T, D) text embeddings.
+    text_valid: (B, T) bool, False on the left padding.
+  Returns:
+    (B, T) bool raters (every real token when none is above the mean).
+  """
+  text_valid = text_valid.astype(bool)
+  logits = jnp.einsum('bnd,btd->bnt', visual.astype(jnp.float32), text.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)  # (B, n, T)
+  logits = jnp.where(text_valid[:, None, :], logits, -jnp.inf)
+  m = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)  # (B, T)
+  valid = text_valid.astype(jnp.float32)
+  mean = jnp.sum(m * valid, axis=1, keepdims=True) / jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
+  raters = text_valid & (m > mean)  # (B, T)
+  return jnp.where(jnp.any(raters, axis=1, keepdims=True), raters, text_valid)
+
+
+def rater_scores(attn: jax.Array, num_visual: int, raters: jax.Array) -> jax.Array:
+  """Mean attention (over raters and heads) each visual slot receives: (B, H, L, L) -> (B, n) float32.
 
   Args:
     attn: (B, H, L, L) attention probs, sequence `[<bos>] + visual + text`.
     num_visual: n, the visual slots in that sequence.
-    text_valid: (B, T) bool, False on the left padding.
-  Returns:
-    raters (B, T) bool: real text tokens whose attention mass on the image is >= the mean over real
-      text tokens; scores (B, n) float32: mean attention the raters pay each visual slot.
+    raters: (B, T) bool, the rating text tokens.
   """
   a = inlm.head_mean(attn)  # (B, L, L)
   text_to_visual = a[:, 1 + num_visual:, 1:1 + num_visual]  # (B, T, n)
-  relevance = jnp.sum(text_to_visual, axis=-1)  # (B, T)
-  valid = text_valid.astype(jnp.float32)
-  num_valid = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)  # (B, 1)
-  mean = jnp.sum(relevance * valid, axis=1, keepdims=True) / num_valid  # (B, 1)
-  raters = text_valid & (relevance >= mean)  # (B, T); the most relevant real token always qualifies
   w = raters.astype(jnp.float32)
-  scores = jnp.einsum('bt,btn->bn', w, text_to_visual) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
-  return raters, scores
+  return jnp.einsum('bt,btn->bn', w, text_to_visual) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
 
 
 def recycle(visual_h: jax.Array, scores: jax.Array, deleted: jax.Array, r: int, pool: int):
@@ -111,12 +127,12 @@ def recycle(visual_h: jax.Array, scores: jax.Array, deleted: jax.Array, r: int, 
   return anchors, merged.astype(visual_h.dtype)
 
 
-def make_select(r: int, recycle_frac: float):
-  """The `inlm.Select` of SparseVLM with r recycled tokens."""
+def make_select(r: int, recycle_frac: float, raters: jax.Array):
+  """The `inlm.Select` of SparseVLM with r recycled tokens and the (B, T) bool `raters`."""
 
   def select(h, attn, count, text_valid):
     n = h.shape[1] - 1 - text_valid.shape[1]
-    _, scores = rater_scores(attn, n, text_valid)  # (B, n)
+    scores = rater_scores(attn, n, raters)  # (B, n)
     if r == 0 or count == n:
       return inlm.top_k_sorted(scores, count), None
     top = base.top_k_indices(scores, count - r)  # (B, count - r)
@@ -144,7 +160,9 @@ def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position
     raise ValueError(f'sparsevlm recycle_frac={recycle_frac!r}: expected a fraction in [0, 1].')
   n = visual.shape[1]
   drops = schedule(n, k, lm.config.llm.depth, layer)
-  select = make_select(num_recycled(n, k), float(recycle_frac))
+  text = lm.apply('embed_text', text_ids) if text_embeds is None else text_embeds  # (B, T, D)
+  raters = text_raters(visual, text, text_valid)  # (B, T), chosen at the LM input
+  select = make_select(num_recycled(n, k), float(recycle_frac), raters)
   return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, select, text_embeds)
 
 
