@@ -16,7 +16,7 @@ Every workload is compiled and run once before timing (warm-up excluded), then a
 interleaved over repeats, so the ratios compare like with like on this machine. Bucket sizes are
 allowed up to B exactly, so no workload is padded. The agent ('grip') uses random scorer params unless
 --agent points at a trained one: its cost does not depend on the values. FLOP ratios come from
-`gripjax.eval.efficiency.request_flops` (vision feature layers + scorer + prefill + decode).
+`gripjax.models.costs.request_flops` (vision feature layers + scorer + prefill + decode).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from gripjax import config_lib
+from gripjax import budget
+from gripjax import checks
 from gripjax import runtime
-from gripjax.eval import efficiency
+from gripjax.models import costs
 from gripjax.inference import DEFAULT_BATCH_SIZES
 from gripjax.inference import PrunedGenerator
 from gripjax.models import scorer as scorer_lib
@@ -78,7 +79,7 @@ def main():
 
   path, _, config_arg = args.config.partition(':')  # configs/NAME.py[:ARG], as --config of main.py
   name = os.path.splitext(os.path.basename(path))[0]
-  config = config_lib.validate(helpers.load_config(name, config_arg or None))
+  config = checks.check_config(helpers.load_config(name, config_arg or None))
   tok = runtime.tokenizer()
   vlm = runtime.make_model(config, tok)
   mc = vlm_lib.ModelConfig.from_config(vlm.config)
@@ -90,7 +91,7 @@ def main():
   else:
     params, weights = runtime.load_vlm_params(config, vlm), str(config.vlm_checkpoint)
 
-  budgets = [config_lib.validate_budget(float(x), '--budgets') for x in args.budgets.split(',')]
+  budgets = [budget.check_rho(float(x), '--budgets') for x in args.budgets.split(',')]
   mixed = [budgets[i % len(budgets)] for i in range(b)]
   agent_params, agent_note = None, ''
   scorer = scorer_lib.make_scorer(config)
@@ -151,7 +152,7 @@ def main():
   assert full_gen.num_compiled() + gen.num_compiled() == compiled, 'recompiled while timing'
 
   def flops(rhos, pruned):
-    return sum(efficiency.request_flops(config, gen.kept_tokens(r)[0], t, m, vocab,
+    return sum(costs.request_flops(config, gen.kept_tokens(r)[0], t, m, vocab,
                                         scorer=pruned and args.pruner == 'grip')['total'] for r in rhos)
 
   full_s = float(np.median(times['full']))
@@ -171,14 +172,14 @@ def main():
     measured = full_s / med
     flop = full_flops / flops(rhos, key != 'full')
     agent_share = float(np.median(agent_times[key])) / med if key in agent_times else None
-    kv = int(np.mean([efficiency.kv_cache_bytes(config, k, t, m) for k in ks]))
+    kv = int(np.mean([costs.kv_cache_bytes(config, k, t, m) for k in ks]))
     rows.append({'workload': key, 'budgets': sorted(set(rhos)), 'kept_tokens': sorted(set(ks)), 'seconds': med,
                  'tokens_per_second': b * m / med, 'measured_speedup': measured, 'flop_speedup': flop,
                  'measured_over_flop': measured / flop, 'agent_share': agent_share, 'kv_cache_bytes': kv})
     share = '-' if agent_share is None else f'{100 * agent_share:7.2f}%'
     print(f'{key:>11} {kept:>9} {1e3 * med:9.1f} {b * m / med:9.1f} {measured:11.2f} {flop:7.2f} '
           f'{measured / flop:6.2f} {share:>8} {kv:13d}')
-  split = efficiency.request_flops(config, n, t, m, vocab)
+  split = costs.request_flops(config, n, t, m, vocab)
   print(f'FLOPs per full request: vision {split["vision"]:.3g}, prefill {split["prefill"]:.3g}, '
         f'decode {split["decode"]:.3g} (vision is not pruned, so it bounds the end-to-end speed-up)')
   print(f'sample answers (full | mixed): {answers["full"][:3]} | {answers["mixed"][:3]}')

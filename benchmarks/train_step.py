@@ -16,8 +16,8 @@ efficiency: B images through the vision tower, the scorer's passes, and B x G LM
 1 + k_max + T slots with the LM head at the answer slot only); `measured/FLOP` near 1 means the
 extra rollouts cost what their arithmetic does.
 
-G = 1 has no group baseline (every advantage is 0), so `step.validate_config` rejects it for
-training; it is timed here anyway, as the unit of cost, with the rest of the config validated at G = 2.
+G = 1 has no group baseline (every advantage is 0), so the start-up check (`step.check`) rejects it
+for training; it is timed here anyway, as the unit of cost, with the config checked at its own G.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import time
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,12 +34,12 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from benchmarks.throughput import device_description
-from gripjax import config_lib
+from gripjax import budget
+from gripjax import checks
 from gripjax import runtime
-from gripjax.eval import efficiency
+from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
 from gripjax.models import vlm as vlm_lib
-from gripjax.rl import policy
 from gripjax.train import step as step_lib
 from tests import helpers
 
@@ -56,22 +55,16 @@ def step_config(config, group: int, batch: int):
 
 
 def build_step(vlm, scorer, config):
-  """(init, train_step) for `config`; G = 1 skips the group-size check only."""
+  """(optimizer, train_step) for `config` (checked at start-up with G = 2: see the module doc)."""
   tx = step_lib.make_optimizer(config)
-  if config.train.group_size >= 2:
-    return tx, step_lib.make_train_step(vlm, scorer, tx, config)
-  check = config.copy_and_resolve_references()
-  check.train.group_size = 2
-  step_lib.validate_config(check)
-  with mock.patch.object(step_lib, 'validate_config', lambda c: c):
-    return tx, step_lib.make_train_step(vlm, scorer, tx, config)
+  return tx, step_lib.make_train_step(vlm, scorer, tx, config)
 
 
 def step_flops(config, b: int, group: int, k_max: int, t: int, vocab: int) -> dict[str, int]:
   """Analytic FLOPs of one GRPO step, by part."""
-  vision = b * efficiency.vision_flops(config, efficiency.vision_feature_layers(config))
-  scorer = b * SCORER_PASSES * efficiency.scorer_flops(config, t)
-  rollouts = b * group * efficiency.prefill_flops(config, k_max, t, vocab)
+  vision = b * costs.vision_flops(config, costs.vision_feature_layers(config))
+  scorer = b * SCORER_PASSES * costs.scorer_flops(config, costs.num_patches(config), t)
+  rollouts = b * group * costs.prefill_flops(config, k_max, t, vocab)
   return {'vision': vision, 'scorer': scorer, 'rollouts': rollouts,
           'total': vision + scorer + rollouts}
 
@@ -90,7 +83,7 @@ def main():
 
   path, _, config_arg = args.config.partition(':')  # configs/NAME.py[:ARG], as --config of main.py
   name = os.path.splitext(os.path.basename(path))[0]
-  config = config_lib.validate(helpers.load_config(name, config_arg or None))
+  config = checks.check_config(helpers.load_config(name, config_arg or None))
   groups = [int(g) for g in args.groups.split(',')]
   if not groups or min(groups) < 1:
     raise SystemExit(f'--groups={args.groups!r}: expected positive ints, e.g. 1,4,8,16.')
@@ -103,7 +96,7 @@ def main():
     vlm_params, weights = runtime.init_params(vlm, jax.random.PRNGKey(0)), 'random'
   else:
     vlm_params, weights = runtime.load_vlm_params(config, vlm), str(config.vlm_checkpoint)
-  k_max = policy.budget_k(float(config.train.rho_range[1]), n)
+  k_max = budget.budget_to_k(float(config.train.rho_range[1]), n)
 
   rng = np.random.default_rng(0)  # Values do not change the cost: random pixels and words.
   batch = {'pixels': rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),

@@ -22,6 +22,8 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from gripjax import config_lib
+
 
 def demo_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """A copy of `config` with the demo's schedule, example count and the agent it trains."""
@@ -36,6 +38,15 @@ def demo_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     c.eval.methods = methods + ('grip',)
   c.agent.checkpoint = os.path.join(workdir, 'agent')
   return c
+
+
+def check(c) -> None:
+  """Start-up check of `config.demo`; raises config_lib.ConfigError."""
+  if 'demo' not in c:
+    return
+  for f in ('train_steps', 'eval_examples'):
+    config_lib.integer(c, f'demo.{f}')
+  config_lib.integer(c, 'demo.warmup_steps', minimum=0)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:

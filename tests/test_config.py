@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from gripjax import checks
 from gripjax import config_lib
 from tests import helpers
 
@@ -43,11 +44,35 @@ def test_nested_tuple_and_nullable_overrides():
     ("--config.ablation.references=('full','grip')", 'config.ablation.references='),
     ("--config.ablation.references=('fullx',)", "config.ablation.references contains unknown method 'fullx'"),
     ('--config.pretrain.spatial_weight=-1.0', 'config.pretrain.spatial_weight=-1.0 is invalid'),
+    # What a run used to reject only after start-up: an unknown method, a mesh for other devices.
+    ("--config.eval.methods=('full','fastvv')", "config.eval.methods contains unknown method 'fastvv'"),
+    ("--config.train.mesh=(('data',3),)", 'does not divide the 1 devices'),
+    ("--config.train.mesh=(('data',-1),('tensor',2))", 'config.train.mesh='),
+    ('--config.train.batch_size=3', None),
+    ("--config.eval.split=train", "config.eval.split='train' is invalid"),
+    ("--config.ablation.split=tset", "config.ablation.split='tset' is invalid"),
+    ('--config.train.algorithm=ppo', "config.train.algorithm='ppo' is invalid"),
+    ('--config.train.relax_samples=0', 'config.train.relax_samples=0 is invalid'),
 ])
 def test_bad_value_fails_at_start_up_naming_the_field(override, message):
   r = _validate(override)
+  if message is None:  # Valid on one device (a batch of 3 splits over a data axis of 1).
+    assert r.returncode == 0, r.stderr
+    return
   assert r.returncode != 0
   assert message in r.stderr, r.stderr
+
+
+def test_mesh_and_batch_checked_against_the_device_count():
+  c = helpers.load_config('gripbench_tiny')
+  c.train.mesh = (('data', -1),)
+  c.train.batch_size = 12
+  checks.check_config(c, num_devices=4)
+  with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=12 is invalid.*8 devices'):
+    checks.check_config(c, num_devices=8)
+  c.train.mesh = (('data', 4), ('fsdp', 2))
+  with pytest.raises(config_lib.ConfigError, match='do(es)? not divide the 4 devices|multiply to 8'):
+    checks.check_config(c, num_devices=4)
 
 
 def test_unknown_field_fails():
@@ -68,13 +93,6 @@ def test_every_field_has_a_comment():
   assert fields > 40
 
 
-def test_validate_budget():
-  assert config_lib.validate_budget(1.0) == 1.0
-  for bad in (0.0, -0.1, 1.01, float('nan'), 'half'):
-    with pytest.raises(ValueError, match='keep ratio in \\(0, 1\\]'):
-      config_lib.validate_budget(bad)
-
-
 def test_default_configs_validate():
   for name in ('gripbench_tiny', 'llava_1p5_7b'):
-    config_lib.validate(helpers.load_config(name))
+    checks.check_config(helpers.load_config(name))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gripjax import config_lib
+from gripjax import checks
 from gripjax import runtime
 from gripjax.inference import PrunedGenerator
 from gripjax.models import scorer as scorer_lib
@@ -30,7 +30,7 @@ def tiny_config():
   c = load_config('gripbench_tiny', 'smoke')
   c.model.vit.update(depth=1, feature_layer=-1)  # One ViT layer: faster compiles.
   c.data.max_question_len = T
-  return config_lib.validate(c)
+  return checks.check_config(c)
 
 
 def random_tree(abstract, seed):

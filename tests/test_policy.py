@@ -129,7 +129,7 @@ def test_log_prob_jit_and_grad_finite():
   b, g, n, k = 2, 4, 6, 3
   s = jnp.asarray(np.random.default_rng(5).normal(size=(b, n)), jnp.float32)
   valid = jnp.array([[True] * 6, [True, True, True, True, False, False]])
-  budget = policy.budget_k(jnp.array([0.5, 1 / 3]), n)  # per-example k: [3, 2]
+  budget = jnp.array([3, 2])  # per-example k
 
   def f(x, rng):  # sampling, budgets and scoring all under one jit
     order = policy.sample_orders(rng, jax.lax.stop_gradient(x), k, g, valid)
@@ -163,23 +163,6 @@ def test_keep_mask_and_sorted_index():
   index, index_valid = policy.sorted_index(order)
   np.testing.assert_array_equal(index, [[0, 2, 4], [1, 3, 5]])
   assert np.all(index_valid)
-
-
-def test_budget_k():
-  assert policy.budget_k(1 / 9, 576) == 64
-  assert policy.budget_k(1 / 18, 576) == 32
-  assert policy.budget_k(0.1, 10) == 1
-  assert policy.budget_k(0.11, 10) == 2
-  assert policy.budget_k(1.0, 7) == 7
-  assert policy.budget_k(1e-9, 7) == 1
-  with pytest.raises(ValueError, match='rho=0'):
-    policy.budget_k(0.0, 10)
-  with pytest.raises(ValueError, match='rho=1.5'):
-    policy.budget_k(1.5, 10)
-  rho = jnp.array([1 / 9, 0.5, 1.0, 0.0, 0.3], jnp.float32)
-  k = jax.jit(policy.budget_k, static_argnums=1)(rho, 576)
-  np.testing.assert_array_equal(k, [64, 288, 576, 1, 173])
-  assert k.dtype == jnp.int32
 
 
 def test_doctests():

@@ -13,7 +13,6 @@ from gripjax.models import scorer as scorer_lib
 from gripjax.rl import policy
 from gripjax.rl import relaxation
 from gripjax.rl import rewards as rewards_lib
-from gripjax.train import relax_step
 from gripjax.train import step as step_lib
 from tests.test_step import FAST, N, T, fake_batch, tiny_config, tiny_vlm
 
@@ -54,7 +53,7 @@ def test_straight_through_forward_equals_hard_pruning(inputs, mode):
                                          mode)
     index, valid = policy.sorted_index(order[:, 0], policy.step_mask(k, 8))  # (B, 8)
     kept = jnp.take_along_axis(visual, index[..., None], axis=1)  # (B, 8, D)
-    pruned = step_lib.answer_logits(vlm, params, kept, index, valid, ids, qvalid, mode)
+    pruned = vlm.apply({"params": params}, kept, index, valid, ids, qvalid, mode, method="answer_logits")
     return soft, pruned, mask, hard
 
   soft, pruned, mask, hard = run(logits)
@@ -108,7 +107,7 @@ def build(config):
   tx = step_lib.make_optimizer(config)
   init = step_lib.make_init(scorer, tx, config, N, config.model.llm.width, T)
   state = jax.jit(init, compiler_options=FAST)(jax.random.PRNGKey(0))
-  train_step = relax_step.make_relax_train_step(vlm, scorer, tx, config, compiler_options=FAST)
+  train_step = step_lib.make_train_step(vlm, scorer, tx, config, compiler_options=FAST)
   return vlm_params, state, train_step
 
 
@@ -117,7 +116,7 @@ def host(tree):
 
 
 def test_relax_step_changes_params_and_compiles_once():
-  config = tiny_config(warmup_steps=1, relax_tau=0.5, relax_samples=2)
+  config = tiny_config(warmup_steps=1, algorithm='relaxation', relax_tau=0.5, relax_samples=2)
   vlm_params, state, train_step = build(config)
   batch = {k: jnp.asarray(v) for k, v in fake_batch(8).items()}
   history, metrics = [host(state.params)], []
@@ -153,8 +152,10 @@ def test_answer_loss_matches_the_rewards():
 
 def test_relax_options_validated():
   with pytest.raises(config_lib.ConfigError, match='relax_tau=0'):
-    relax_step.relax_options(tiny_config(relax_tau=0))
+    relaxation.relax_options(tiny_config(relax_tau=0))
   with pytest.raises(config_lib.ConfigError, match='relax_samples=0'):
-    relax_step.relax_options(tiny_config(relax_samples=0))
-  assert relax_step.relax_options(tiny_config()) == (relax_step.DEFAULT_TAU,
-                                                     relax_step.DEFAULT_SAMPLES)
+    relaxation.relax_options(tiny_config(relax_samples=0))
+  # By default the relaxation draws as many keep-sets per example as GRPO's group: the same number
+  # of VLM forwards per training example.
+  config = tiny_config()
+  assert relaxation.relax_options(config) == (relaxation.DEFAULT_TAU, config.train.group_size)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
 from gripjax.pruning import base
 from gripjax.pruning import grip
@@ -68,10 +69,10 @@ def test_batch_equals_per_example(setup):
 
 def test_cost_helpers():
   tiny = helpers.load_config('gripbench_tiny')
-  assert scorer_lib.scorer_flops(tiny, 144, 16) > 0
+  assert costs.scorer_flops(tiny, 144, 16) > 0
   assert scorer_lib.scorer_param_count(tiny) > 0
   big = helpers.load_config('llava_1p5_7b')
-  report = scorer_lib.cost_report(big)  # eval_shape only: nothing of size 7B is allocated
+  report = costs.cost_report(big, 16)  # eval_shape only: nothing of size 7B is allocated
   assert report['scorer_params'] < 5e6
   assert report['flops_ratio'] < 0.01, report
 
@@ -80,17 +81,19 @@ def test_grip_pruner(setup):
   scorer, params, visual, question, mask, apply = setup
   ctx = base.PruneContext(tokens=visual, features=visual, cls_attn=jnp.zeros((B, N)),
                           question=question, question_mask=mask, rng=jax.random.key(0), grid=(4, 4))
-  k = 5
-  kept = jax.jit(functools.partial(grip.make_grip_prune(scorer, params), k=k))(ctx)
+  rho, k = 0.3, 5  # ceil(0.3 * 16) = 5, and the scorer is fed 0.3, not k / N = 0.3125
+  kept = jax.jit(functools.partial(grip.make_grip_prune(scorer, params, rho), k=k))(ctx)
   assert kept.tokens.shape == (B, k, D) and kept.index.shape == (B, k)
   index = np.asarray(kept.index)
   assert np.all(np.diff(index, axis=1) > 0)
-  s = np.asarray(apply(params, visual, question, mask, jnp.full((B,), k / N)))
+  s = np.asarray(apply(params, visual, question, mask, jnp.full((B,), rho)))
   expect = np.sort(np.argsort(-s, axis=1)[:, :k], axis=1)
   np.testing.assert_array_equal(index, expect)
   np.testing.assert_allclose(kept.tokens, np.take_along_axis(np.asarray(visual), index[..., None], 1))
   with pytest.raises(ValueError, match='rho=1.5'):
     grip.make_grip_prune(scorer, params, rho=1.5)
+  with pytest.raises(ValueError, match='k=4 does not match rho=0.3'):
+    grip.make_grip_prune(scorer, params, rho)(ctx, 4)
 
 
 def test_grpo_on_toy_reward_moves_the_right_way(setup):
@@ -111,7 +114,7 @@ def test_grpo_on_toy_reward_moves_the_right_way(setup):
     kept = policy.keep_mask(orders, N)  # (B, G, N)
     reward = jnp.sum(kept & region[:, None], -1) / k  # (B, G)
     ref_logits = scorer.apply({'params': params}, visual, question, mask, rho)
-    return step_lib.grpo_objective(logits, ref_logits, orders, order_valid, reward, 0.2, 0.0)
+    return grpo.grpo_objective(logits, ref_logits, orders, order_valid, reward, 0.2, 0.0)
 
   def clipped_loss(p, old_logp, orders, adv):
     """grpo_loss against the fixed pre-update policy (the step's own old_logp is logp itself)."""

@@ -152,20 +152,20 @@ def test_config_section_and_start_up_errors():
   c.train.sharding = sharding.default_sharding_config()
   c.train.sharding.vlm_params = 'fsdp'
   c.train.mesh = (('data', -1), ('fsdp', 2))
-  sharding.validate_config(c)
+  sharding.check(c, num_devices=4)
   assert sharding.rules_from_config(c, 'vlm_params').strategy == 'fsdp'
   c.train.sharding.agent_params = 'tensor'
   with pytest.raises(ValueError, match=r"config.train.sharding.agent_params='tensor' is invalid.*"
                      r"\['tensor'\]"):
-    sharding.validate_config(c)
+    sharding.check(c, num_devices=4)
   c.train.sharding.agent_params = 'zero3'
   with pytest.raises(ValueError, match=r"config.train.sharding.agent_params='zero3' is invalid: "
                      r"expected one of"):
-    sharding.validate_config(c)
+    sharding.check(c, num_devices=4)
   c.train.sharding.agent_params = 'replicate'
   c.train.sharding.param_axes = ((r'q_proj/kernel$', 'embed heads'),)
   with pytest.raises(ValueError, match=r'config.train.sharding.param_axes\[0\]=.* is invalid'):
-    sharding.validate_config(c)
+    sharding.check(c, num_devices=4)
   with pytest.raises(ValueError, match=r"names 1 dimensions, but 'w' has 2"):
     sharding.param_specs({'w': jnp.zeros((4, 4))}, sharding.abstract_mesh((('tensor', 2),), 2),
                          rules('tensor', param_axes=((r'^w$', ('heads',)),)))

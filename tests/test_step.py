@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from gripjax import config_lib
 from gripjax.models import init_params, make_vlm
 from gripjax.models import scorer as scorer_lib
 from gripjax.rl import policy
@@ -68,14 +69,14 @@ def build(config, tx=None, mesh=None, seed=0):
   rng = jax.random.PRNGKey(seed)
   if mesh is None:
     state = jax.jit(init, compiler_options=FAST)(rng)
-    train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh, compiler_options=FAST)
+    train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh=mesh, compiler_options=FAST)
     return vlm, vlm_params, scorer, state, train_step
   # The trainer's placement: config.train.sharding rules for the state and the VLM params.
   state_sh = step_lib.state_shardings(jax.eval_shape(init, rng), mesh, config)
   vlm_sh = step_lib.vlm_param_shardings(vlm_params, mesh, config)
   state = jax.jit(init, out_shardings=state_sh, compiler_options=FAST)(rng)
   vlm_params = jax.device_put(vlm_params, vlm_sh)
-  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh, compiler_options=FAST,
+  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh=mesh, compiler_options=FAST,
                                         state_sharding=state_sh, vlm_sharding=vlm_sh)
   return vlm, vlm_params, scorer, state, train_step
 
@@ -225,16 +226,17 @@ def test_reference_is_snapshot_at_first_grpo_step(two_steps):
     np.testing.assert_array_equal(x, y)
 
 
-def test_validate_config_names_the_field():
-  from gripjax import config_lib  # pylint: disable=g-import-not-at-top
+def test_check_names_the_field():
   cases = [('group_size', 1, 'config.train.group_size=1 is invalid'),
            ('rho_range', (0.5, 0.1), 'config.train.rho_range=(0.5, 0.1) is invalid'),
            ('reward', 'acc', "config.train.reward='acc' is invalid"),
-           ('mesh', (('model', 2),), "a 'data' axis")]
+           ('algorithm', 'ppo', "config.train.algorithm='ppo' is invalid")]
   for field, value, message in cases:
     with pytest.raises(config_lib.ConfigError) as e:
-      step_lib.validate_config(tiny_config(**{field: value}))
+      step_lib.check(tiny_config(**{field: value}))
     assert message in str(e.value)
+  with pytest.raises(config_lib.ConfigError, match="a 'data' axis"):
+    sharding.check(tiny_config(mesh=(('model', 2),)), num_devices=2)
 
 
 # --- Sharded == single device (8 fake CPU devices, in a subprocess). -----------------------------

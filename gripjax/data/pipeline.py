@@ -27,6 +27,7 @@ import threading
 
 import numpy as np
 
+from gripjax import config_lib
 from gripjax.data.grip_bench import scenes
 
 TASKS = scenes.TASKS
@@ -217,3 +218,12 @@ def prefetch(iterator, size=2):
     if isinstance(item, Exception):
       raise item
     yield item
+
+
+def check(c) -> None:
+  """Start-up check of `config.data`; raises config_lib.ConfigError."""
+  if 'data' not in c:
+    return
+  for f in ('num_train', 'num_validation', 'num_test', 'max_question_len'):
+    config_lib.integer(c, f'data.{f}')
+  config_lib.integer(c, 'data.seed', minimum=0)

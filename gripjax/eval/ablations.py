@@ -4,7 +4,9 @@
 
 Each variant is trained once per seed of `config.ablation.seeds` (same schedule length,
 `config.ablation.train_steps`) and evaluated as the pruner `grip` on the first
-`config.ablation.eval_examples` test examples at every budget of `config.eval.budgets`:
+`config.ablation.eval_examples` examples of `config.ablation.split` (default `validation`: what is
+chosen from ablations is chosen there, and the test split stays untouched) at every budget of
+`config.eval.budgets`:
 
   budget_aware   the agent as shipped: warm-up, then GRPO, keep ratio sampled per example;
   warmup_only    the supervised warm-up alone (no GRPO step);
@@ -29,8 +31,14 @@ import os
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
+
+from gripjax import config_lib
+from gripjax import runtime
+from gripjax.eval import evaluate
+from gripjax.train import trainer
 
 VARIANTS = ('budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'per_budget')
 
@@ -38,9 +46,28 @@ VARIANTS = ('budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'per_budge
 def check_variants(variants) -> tuple[str, ...]:
   for v in variants:
     if v not in VARIANTS:
-      raise ValueError(f'config.ablation.variants contains unknown variant {v!r}: known variants are '
-                       f'{VARIANTS}')
+      raise config_lib.ConfigError(f'config.ablation.variants contains unknown variant {v!r}: known '
+                                   f'variants are {VARIANTS}')
   return tuple(variants)
+
+
+def check(c) -> None:
+  """Start-up check of `config.ablation`; raises config_lib.ConfigError."""
+  if 'ablation' not in c:
+    return
+  check_variants(config_lib.nonempty_tuple(c, 'ablation.variants', f'variants from {VARIANTS}'))
+  references = evaluate.check_methods(c.ablation.references, 'config.ablation.references')
+  if 'grip' in references:
+    config_lib.fail('ablation.references', references,
+                    "reference and baseline methods only: the agent's rows are the variants")
+  seeds = c.ablation.seeds
+  if not isinstance(seeds, tuple) or not seeds or not all(config_lib.is_int(s) and s >= 0 for s in seeds):
+    config_lib.fail('ablation.seeds', seeds, 'a non-empty tuple of non-negative ints')
+  for f in ('train_steps', 'eval_examples'):
+    config_lib.integer(c, f'ablation.{f}')
+  config_lib.integer(c, 'ablation.warmup_steps', minimum=0)
+  if 'split' in c.ablation:
+    config_lib.choice(c, 'ablation.split', evaluate.SPLITS)
 
 
 def pruned_budgets(config) -> tuple[float, ...]:
@@ -114,21 +141,18 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
 
 
 def run(config, workdir: str) -> list[dict[str, Any]]:
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from gripjax.train import trainer  # pylint: disable=g-import-not-at-top
   variants = check_variants(config.ablation.variants)
   out_dir = os.path.join(workdir, 'ablations')
   os.makedirs(out_dir, exist_ok=True)
   # Seeds of a variant compile the same train step: a persistent cache compiles it once.
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_compilation_cache_dir', os.path.join(out_dir, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   data_dir = runtime.data_dir(config, workdir)
   tok = runtime.tokenizer()
   vlm = runtime.make_model(config, tok)
   params = runtime.load_vlm_params(config, vlm)
-  source = runtime.split_source(config, workdir, 'test')
+  split = config.ablation.get('split', 'validation')
+  source = runtime.split_source(config, workdir, split)
   rows = []
   for variant in variants:
     for seed in config.ablation.seeds:
@@ -145,10 +169,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
         for r in got:
           r.pop('examples', None)
           rows.append(dict(r, method=f'grip:{variant}', seed=int(seed)))
-  references = evaluate.check_methods(config.ablation.references, 'config.ablation.references')
-  if 'grip' in references:
-    raise ValueError("config.ablation.references contains 'grip': the agent's rows are the variants; "
-                     'expected the reference and baseline methods only.')
+  references = tuple(config.ablation.references)  # Checked at start-up (`check`).
   if references:
     got = evaluate.evaluate(config, vlm, params, source, tok, references, pruned_budgets(config),
                             ('keep',),
@@ -163,6 +184,6 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
   text = summary_markdown(summary)
   with open(os.path.join(out_dir, 'summary.md'), 'w') as f:
-    f.write('# Agent ablations (GRIP-Bench test accuracy %, mean ± std over seeds)\n\n' + text + '\n')
+    f.write(f'# Agent ablations (GRIP-Bench {split} accuracy %, mean ± std over seeds)\n\n' + text + '\n')
   print(text)
   return rows

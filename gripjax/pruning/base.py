@@ -13,7 +13,6 @@ token stands for; those indices are also sorted and unique, so the kept tokens k
 position in the LM sequence.
 """
 
-import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -21,8 +20,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-# Absolute slack when rounding rho * n up, so that e.g. ceil((1/9) * 144) is 16 and not 17.
-_BUDGET_TOL = 1e-6
+# Re-exported: the one budget definition (rho -> k) lives in gripjax/budget.py.
+from gripjax.budget import budget_to_k  # pylint: disable=unused-import
 
 
 @flax.struct.dataclass
@@ -89,30 +88,6 @@ def check_grid(ctx: PruneContext) -> tuple[int, int]:
   if h < 1 or w < 1 or h * w != n:
     raise ValueError(f'ctx.grid={ctx.grid!r} does not match N={n} tokens: expected H * W == N.')
   return h, w
-
-
-def budget_to_k(rho: float, n: int) -> int:
-  """Number of tokens kept at budget ratio rho: ceil(rho * n), at least 1.
-
-  A small tolerance absorbs float error, so budget_to_k(1/9, 144) == 16.
-
-  Args:
-    rho: budget ratio in (0, 1].
-    n: number of visual tokens, a positive int.
-
-  Returns:
-    k with 1 <= k <= n.
-  """
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f'n must be a positive int; got n={n!r}.')
-  try:
-    rho_f = float(rho)
-  except (TypeError, ValueError):
-    raise ValueError(f'rho must be a number in (0, 1]; got rho={rho!r}.') from None
-  if not 0.0 < rho_f <= 1.0:  # Also rejects NaN.
-    raise ValueError(f'rho={rho!r} is out of range: expected a budget ratio in (0, 1].')
-  k = math.ceil(rho_f * n - _BUDGET_TOL)
-  return min(max(k, 1), n)
 
 
 def gather_kept(tokens: jax.Array, index: jax.Array) -> Kept:

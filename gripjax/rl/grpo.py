@@ -30,6 +30,10 @@ shape; inside the jitted train step they inline); `eps`, `clip_eps` and
 import jax
 import jax.numpy as jnp
 
+from gripjax.rl import phase as phase_lib
+from gripjax.rl import policy
+from gripjax.rl import rewards as rewards_lib
+
 
 def _masked_mean(x, mask):
   """sum(mask * x) / max(sum(mask), 1), with x ignored (not multiplied) off-mask."""
@@ -163,3 +167,74 @@ def reinforce_loss(logp, adv, mask):
   on = jnp.asarray(mask, jnp.float32) > 0
   adv = jax.lax.stop_gradient(jnp.asarray(adv, jnp.float32))
   return -_masked_mean(adv * jnp.where(on, logp, 0.0), mask)
+
+
+def grpo_objective(logits, ref_logits, orders, order_valid, reward, clip_eps, kl_coef):
+  """GRPO loss of sampled keep-sets given their rewards; gradients flow through `logits` only.
+
+    A = group_advantages(r),  mask = isfinite(r)
+    logp_bg = log PL(o_bg | s_b),  ref_logp_bg = log PL(o_bg | s_ref_b)
+    loss = grpo_loss(logp, stop_gradient(logp), ref_logp, A, mask, clip_eps, kl_coef)
+
+  Args:
+    logits, ref_logits: (B, N) current and reference scores.
+    orders: (B, G, k_max) sampled orders; order_valid: (B, 1 or G, k_max) step mask.
+    reward: (B, G) rewards; non-finite ones are masked out (and counted).
+
+  Returns:
+    loss and metrics (grpo_loss's, group_advantages', and `entropy`).
+  """
+  adv, reward_metrics = group_advantages(reward)  # (B, G)
+  mask = jnp.isfinite(reward)  # (B, G)
+  ref_logp = policy.log_prob(jax.lax.stop_gradient(ref_logits)[:, None, :], orders, None,
+                             order_valid)  # (B, G)
+  logp = policy.log_prob(logits[:, None, :], orders, None, order_valid)  # (B, G)
+  loss, metrics = grpo_loss(logp, jax.lax.stop_gradient(logp), ref_logp, adv, mask, clip_eps, kl_coef)
+  ent = policy.entropy(jax.lax.stop_gradient(logits)[:, None, :], orders, None, order_valid)
+  return loss, dict(metrics, **reward_metrics, entropy=jnp.mean(ent))
+
+
+def make_grpo_phase(config):
+  """The train step's GRPO phase (reads `train.group_size`, `train.reward`, `train.clip_eps`,
+  `train.kl_coef`). Returns `phase(params, inputs) -> (grads, metrics)` (see `rl/phase.py`):
+
+    s_b = scorer(V_b, Q_b, rho_b)                                             (B, N)
+    o_bg ~ PL(s_b) by Gumbel-top-k_max, g < G; slots t >= k_b masked          (B, G, k_max)
+    r_bg = reward(VLM(V_b[sorted o_bg], question_b)[answer slot], target_b)   (B, G), on B * G rollouts
+    loss = grpo_objective(s(params), s(ref_params), o, mask, r, clip_eps, kl_coef)
+
+  One optimizer update per batch: the samples come from the current params, so old_logp equals logp
+  and the ratio is exactly 1 (its gradient is the policy gradient A * grad log pi); clip_ratio and
+  approx_kl stay 0 and are logged so a multi-epoch variant shows them. The B x G rollouts are the
+  expensive part: one (B * G)-row forward of the frozen VLM, split over the mesh's data axis.
+  """
+  t = config.train
+  group = int(t.group_size)
+  reward_fn = rewards_lib.get(t.reward)
+  clip_eps, kl_coef = float(t.clip_eps), float(t.kl_coef)
+
+  def phase(params, inputs: phase_lib.PhaseInputs):
+    b = inputs.visual.shape[0]
+    rows = inputs.rows
+    logits = jax.lax.stop_gradient(inputs.score(params))  # (B, N)
+    order_valid = policy.step_mask(inputs.k, inputs.k_max)[:, None, :]  # (B, 1, k_max)
+    orders = policy.sample_orders(inputs.rng, logits, inputs.k_max, group)  # (B, G, k_max)
+    index, index_valid = policy.sorted_index(orders, order_valid)  # (B, G, k_max) each
+    kept = jnp.take_along_axis(inputs.visual[:, None], index[..., None], axis=2)  # (B, G, k_max, D)
+    flat = lambda x: phase_lib.flatten_group(x, rows)  # (B * G, ...), row b * G + g
+    tile = lambda x: phase_lib.tile(x, group, rows)
+    out = inputs.answer_logits(flat(kept), flat(index), flat(index_valid), tile(inputs.question_ids),
+                               tile(inputs.question_valid))  # (B * G, vocab)
+    out = out.reshape(b, group, -1)  # (B, G, vocab)
+    target = inputs.reward_target()  # (B,) or (B, vocab)
+    target = jnp.broadcast_to(target[:, None], (b, group) + target.shape[1:])  # (B, G[, vocab])
+    reward = reward_fn(out, target)  # (B, G)
+    ref_logits = inputs.score(inputs.ref_params)  # (B, N)
+
+    def loss_fn(p):
+      return grpo_objective(inputs.score(p), ref_logits, orders, order_valid, reward, clip_eps, kl_coef)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, dict(metrics, loss=loss, phase=1.0, tokens_kept=jnp.mean(inputs.k.astype(jnp.float32)))
+
+  return phase

@@ -28,7 +28,6 @@ simply inline.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -243,30 +242,6 @@ def sorted_index(order, order_valid=None):
   index_valid = key != big
   last = jnp.max(jnp.where(ov, order, 0), axis=-1, keepdims=True)  # (..., 1)
   return jnp.where(index_valid, key, last), index_valid
-
-
-def budget_k(rho, n, tol=1e-5):
-  """Tokens kept at keep ratio rho: k = clip(ceil(rho * n - tol * n), 1, n).
-
-  The tolerance absorbs float error (0.1 * 10 = 1.0000000000000002, float32
-  (1/9) * 576 = 64.00000x) so a ratio meant to be exact is not rounded up.
-
-  Python scalars give a Python int (and a ValueError for rho outside (0, 1]);
-  arrays give an int32 array (per-example budgets under jit, clipped to [1, n]).
-
-  >>> budget_k(1 / 9, 576), budget_k(0.1, 10), budget_k(0.01, 10)
-  (64, 1, 1)
-  """
-  if isinstance(rho, (int, float, np.floating)) and isinstance(n, (int, np.integer)):
-    if not 0.0 < rho <= 1.0:
-      raise ValueError(f'rho={rho!r} is invalid: expected a keep ratio in (0, 1].')
-    if n < 1:
-      raise ValueError(f'n={n!r} is invalid: expected n >= 1.')
-    return int(min(max(math.ceil(rho * n - tol * n), 1), n))
-  rho = jnp.asarray(rho, jnp.float32)
-  n_f = jnp.asarray(n, jnp.float32)
-  k = jnp.ceil(rho * n_f - tol * n_f).astype(jnp.int32)
-  return jnp.clip(k, 1, jnp.asarray(n, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -49,19 +49,20 @@ whole relaxation.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from gripjax.models.llm import LlamaMlp, RMSNorm, causal_mask, rope
-from gripjax.models.vlm import ModelConfig
+from gripjax import config_lib
+from gripjax.rl import grpo
+from gripjax.rl import phase as phase_lib
 from gripjax.rl import policy
+from gripjax.rl import rewards as rewards_lib
 
 # Floor of 1 - a in the relaxed top-k: a token taken with probability ~1 stays out of later rounds
 # without log(0).
 _LOG_FLOOR = 1e-12
-# Cap of s_ij - max in the weighted softmax: it only binds on keys of weight below exp(-cap) (the
-# dropped ones when m is hard), so their gradient stays finite when their score dominates.
-_SCORE_CAP = 20.0
 
 
 def relaxed_top_k(scores, k, k_max: int, tau):
@@ -122,57 +123,6 @@ def straight_through_top_k(rng, logits, k, k_max: int, tau, num_samples: int = 1
   return mask, hard, order
 
 
-def weighted_attend(q, k, v, allow, weight):
-  """Grouped-query attention whose keys carry weights: p_ij = w_j e^{s_ij} / sum_l w_l e^{s_il}.
-
-  Same layout and float32 softmax as `models.llm.attend`; with weights in {0, 1} it equals
-  `attend` with mask `allow & (weight > 0)`.
-
-  Args:
-    q: (B, Lq, H, Dh); k, v: (B, Lk, KVH, Dh).
-    allow: bool, broadcastable to (B, 1, Lq, Lk) (causal and padding structure).
-    weight: (B, Lk) float >= 0; some allowed key of every query row must have weight > 0.
-
-  Returns:
-    out (B, Lq, H, Dh) in q's dtype.
-  """
-  b, lq, h, dh = q.shape
-  kvh, lk = k.shape[2], k.shape[1]
-  g = h // kvh
-  qg = q.reshape(b, lq, kvh, g, dh)  # (B, Lq, KVH, G, Dh)
-  scores = jnp.einsum('bqkgd,bskd->bkgqs', qg, k, preferred_element_type=jnp.float32) * dh ** -0.5
-  scores = scores.reshape(b, h, lq, lk)  # (B, H, Lq, Lk)
-  w = jnp.asarray(weight, jnp.float32)[:, None, None, :]  # (B, 1, 1, Lk)
-  live = allow & (w > 0)  # (B, 1, Lq, Lk)
-  log_w = jnp.log(jnp.where(live, w, 1.0))
-  # Stabilizer: max_j (s_ij + log w_j) over live keys (not differentiated: it cancels).
-  top = jnp.max(jnp.where(live, scores + log_w, -jnp.inf), axis=-1, keepdims=True)  # (B, H, Lq, 1)
-  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-  # w * exp(.) rather than exp(. + log w): the gradient w.r.t. w_j stays finite at w_j = 0.
-  e = jnp.where(allow, w * jnp.exp(jnp.minimum(scores - top, _SCORE_CAP)), 0.0)  # (B, H, Lq, Lk)
-  probs = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-  p = probs.reshape(b, kvh, g, lq, lk).astype(v.dtype)  # (B, KVH, G, Lq, Lk)
-  out = jnp.einsum('bkgqs,bskd->bqkgd', p, v)
-  return out.reshape(b, lq, h, dh)  # (B, Lq, H, Dh)
-
-
-def _layer(cfg, dtype, p, x, positions, allow, weight):
-  """One Llama decoder layer (`models.llm.LlamaDecoderLayer`) with key-weighted attention."""
-  b, l, _ = x.shape
-  dh = cfg.head_dim
-  dense = lambda y, name: jnp.dot(y, p['self_attn'][name]['kernel'].astype(dtype))
-  h = RMSNorm(cfg.rms_norm_eps, dtype).apply({'params': p['input_layernorm']}, x)
-  q = dense(h, 'q_proj').reshape(b, l, cfg.num_heads, dh)  # (B, L, H, Dh)
-  k = dense(h, 'k_proj').reshape(b, l, cfg.num_kv_heads, dh)  # (B, L, KVH, Dh)
-  v = dense(h, 'v_proj').reshape(b, l, cfg.num_kv_heads, dh)  # (B, L, KVH, Dh)
-  q = rope(q, positions, cfg.rope_theta)
-  k = rope(k, positions, cfg.rope_theta)
-  out = weighted_attend(q, k, v, allow, weight).reshape(b, l, cfg.num_heads * dh)  # (B, L, H * Dh)
-  x = x + dense(out, 'o_proj')
-  h = RMSNorm(cfg.rms_norm_eps, dtype).apply({'params': p['post_attention_layernorm']}, x)
-  return x + LlamaMlp(cfg, dtype).apply({'params': p['mlp']}, h)
-
-
 def soft_answer_logits(vlm, vlm_params, visual, mask, hard, text_ids, text_valid,
                        position_mode=None):
   """Frozen-VLM answer logits with every visual token in place, weighted by `mask`.
@@ -186,25 +136,14 @@ def soft_answer_logits(vlm, vlm_params, visual, mask, hard, text_ids, text_valid
     position_mode: 'keep' | 'renumber'; None takes the VLM config's.
 
   Returns:
-    (R, vocab) float32 logits at the answer slot. With `mask` equal (in value) to `hard`, they equal
-    the VLM's forward on only the kept tokens.
+    (R, vocab) float32 logits at the answer slot (`VLM.answer_logits` with `visual_weight=mask`:
+    the model's own decoder layers, with the weights on the keys of every layer). With `mask` equal
+    (in value) to `hard`, they equal the VLM's forward on only the kept tokens.
   """
-  cfg = ModelConfig.from_config(vlm.config)
-  dtype = cfg.activation_dtype
-  variables = {'params': vlm_params}
   r, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (r, n))  # (R, N)
-  h, positions, _ = vlm.apply(variables, visual, index, hard, text_ids, text_valid, position_mode,
-                              method='assemble')  # (R, 1 + N + T, D), (R, 1 + N + T)
-  text_valid = text_valid.astype(bool)
-  ones = jnp.ones((r, 1), jnp.float32)
-  weight = jnp.concatenate([ones, mask.astype(jnp.float32), text_valid.astype(jnp.float32)],
-                           axis=1)  # (R, L)
-  # Visual keys stay "allowed" even when dropped: their weight, not the boolean mask, removes them.
-  allow = causal_mask(jnp.concatenate([ones > 0, jnp.ones((r, n), bool), text_valid], axis=1))
-  for i in range(cfg.llm.depth):
-    h = _layer(cfg.llm, dtype, vlm_params['llm'][f'layers_{i}'], h, positions, allow, weight)
-  return vlm.apply(variables, h[:, -1:], method='logits')[:, 0].astype(jnp.float32)  # (R, vocab)
+  return vlm.apply({'params': vlm_params}, visual, index, hard, text_ids, text_valid, position_mode,
+                   mask, method='answer_logits')  # (R, vocab)
 
 
 def answer_loss(logits, target, label_free: bool):
@@ -220,3 +159,73 @@ def answer_loss(logits, target, label_free: bool):
   logp_full = jax.nn.log_softmax(jax.lax.stop_gradient(jnp.asarray(target, jnp.float32)), axis=-1)
   p_full = jnp.exp(logp_full)
   return jnp.sum(jnp.where(p_full > 0, p_full * (logp_full - logp), 0.0), axis=-1)
+
+
+DEFAULT_TAU = 0.5
+
+
+def relax_options(config) -> tuple[float, int]:
+  """(tau, S) of the straight-through phase from `config.train`; raises config_lib.ConfigError.
+
+  S (`train.relax_samples`) defaults to `train.group_size`: the relaxation then runs as many VLM
+  forwards per training example as GRPO's G rollouts, so the two are compared on equal terms.
+  """
+  t = config.train
+  tau = t.get('relax_tau', DEFAULT_TAU)
+  samples = t.get('relax_samples', None)
+  samples = t.group_size if samples is None else samples
+  if (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0):
+    config_lib.fail('train.relax_tau', tau, 'a finite number > 0')
+  if not config_lib.is_int(samples) or samples < 1:
+    config_lib.fail('train.relax_samples', samples, 'an integer >= 1, or None for train.group_size')
+  return float(tau), samples
+
+
+def check(config) -> None:
+  """Start-up check of the relaxation's fields of `config.train`."""
+  if 'train' in config:
+    relax_options(config)
+
+
+def make_straight_through_phase(config):
+  """The train step's second phase for the straight-through relaxation baseline.
+
+    m_bs = straight_through_top_k(s_b + Gumbel, k_b, tau), s < S            (B, S, N)
+    loss = mean_bs answer_loss(VLM(V_b weighted by m_bs, question_b)[answer slot], target_b)
+
+  The VLM runs over all N tokens per sample (1 + N + T slots, dropped ones weighted 0), against
+  1 + k_max + T for a GRPO rollout: the price of a gradient that reaches dropped tokens. Metrics:
+  `loss` (the answer loss), `reward/*` (`train.reward` of the hard keep-sets, the S samples of an
+  example forming its group, as GRPO logs its rollouts), `entropy`, `tokens_kept`.
+  """
+  tau, samples = relax_options(config)
+  reward_fn = rewards_lib.get(config.train.reward)
+
+  def phase(params, inputs: phase_lib.PhaseInputs):
+    b = inputs.visual.shape[0]
+    rows = inputs.rows
+    tile = lambda x: phase_lib.tile(x, samples, rows)  # (B * S, ...), row b * S + s
+    flat = lambda x: phase_lib.flatten_group(x, rows)
+    target = tile(inputs.reward_target())  # (B * S[, vocab])
+
+    def loss_fn(p):
+      logits = inputs.score(p)  # (B, N)
+      mask, hard, order = straight_through_top_k(inputs.rng, logits, inputs.k, inputs.k_max, tau,
+                                                 samples)  # (B, S, N) x2, (B, S, k_max)
+      out = soft_answer_logits(inputs.vlm, inputs.vlm_params, tile(inputs.visual), flat(mask),
+                               flat(hard), tile(inputs.question_ids), tile(inputs.question_valid),
+                               inputs.position_mode)  # (B * S, vocab)
+      per_row = answer_loss(out, target, inputs.label_free)  # (B * S,)
+      ok = jnp.isfinite(per_row)
+      loss = jnp.sum(jnp.where(ok, per_row, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+      reward = reward_fn(jax.lax.stop_gradient(out), target).reshape(b, samples)  # (B, S)
+      return loss, (logits, order, reward)
+
+    (loss, (logits, order, reward)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    _, reward_metrics = grpo.group_advantages(reward)
+    order_valid = policy.step_mask(inputs.k, inputs.k_max)[:, None, :]  # (B, 1, k_max)
+    ent = policy.entropy(jax.lax.stop_gradient(logits)[:, None, :], order, None, order_valid)
+    return grads, dict(reward_metrics, loss=loss, phase=1.0, entropy=jnp.mean(ent),
+                       tokens_kept=jnp.mean(inputs.k.astype(jnp.float32)))
+
+  return phase

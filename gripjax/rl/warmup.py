@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from gripjax.models.vlm import ModelConfig
+from gripjax.rl import phase as phase_lib
 from gripjax.rl import policy
 
 TEACHERS = ('attention', 'loo')
@@ -97,9 +98,8 @@ def teacher_loo(vlm, vlm_params, visual, question_ids, question_valid, answer_id
   n = visual.shape[1]
 
   def answer_logits(v):
-    logits = vlm.apply(variables, visual, index, v, question_ids, question_valid, position_mode,
-                       method='forward')
-    return logits[:, -1].astype(jnp.float32)  # (B, vocab)
+    return vlm.apply(variables, visual, index, v, question_ids, question_valid, position_mode,
+                     method='answer_logits')  # (B, vocab)
 
   full_logits = answer_logits(valid)
   target = jnp.argmax(full_logits, -1) if answer_id is None else jnp.asarray(answer_id, jnp.int32)
@@ -165,3 +165,27 @@ def warmup_loss(logits, importance, m: int, kl_coef=0.0):
   loss = listmle + kl_coef * kl
   recall = jnp.mean(topk_recall(jax.lax.stop_gradient(logits), importance, m))
   return loss, {'warmup/listmle': listmle, 'warmup/kl': kl, 'warmup/teacher_topk_recall': recall}
+
+
+def make_warmup_phase(config):
+  """The train step's first phase: ListMLE on the teacher's top-m order (+ the optional KL).
+
+  Reads `train.teacher`, `train.warmup_top` (m = min(this, N)), `train.loo_chunk` and
+  `train.warmup_kl_coef`. Returns `phase(params, inputs) -> (grads, metrics)` (see `rl/phase.py`).
+  """
+  t = config.train
+  teacher, top, chunk, kl_coef = t.teacher, int(t.warmup_top), int(t.loo_chunk), float(t.warmup_kl_coef)
+
+  def phase(params, inputs: phase_lib.PhaseInputs):
+    m = min(top, inputs.visual.shape[1])
+    importance, _ = teacher_importance(teacher, inputs.vlm, inputs.vlm_params, inputs.visual,
+                                       inputs.question_ids, inputs.question_valid, inputs.answer_id,
+                                       inputs.position_mode, chunk)  # (B, N)
+
+    def loss_fn(p):
+      return warmup_loss(inputs.score(p), importance, m, kl_coef)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, dict(metrics, loss=loss, phase=0.0)
+
+  return phase

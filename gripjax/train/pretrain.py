@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from gripjax import config_lib
 from gripjax.train import checkpoint as ckpt_lib
 
 
@@ -178,16 +179,16 @@ def _vision_loss(vlm, heads, params, head_params, batch, num_colors):
   return loss, metrics
 
 
-def answer_logits(vlm, params, batch, position_mode='keep', pixels=None, visual_valid=None):
-  """Logits (B, V) at the answer position with all visual tokens (or the given validity)."""
+def image_answer_logits(vlm, params, batch, position_mode='keep', pixels=None, visual_valid=None):
+  """From pixels: logits (B, V) at the answer slot with every visual token (or the given validity)."""
   pixels = batch['pixels'] if pixels is None else pixels
   visual, _ = vlm.apply({'params': params}, pixels, method='encode_image')
   b, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   valid = jnp.ones((b, n), bool) if visual_valid is None else visual_valid
-  logits = vlm.apply({'params': params}, visual, index, valid, batch['question_ids'],
-                     batch['question_valid'], position_mode, method='forward')
-  return logits[:, -1]  # (B, V): the <sep> slot predicts the answer word
+  # The <sep> slot predicts the answer word.
+  return vlm.apply({'params': params}, visual, index, valid, batch['question_ids'],
+                   batch['question_valid'], position_mode, method='answer_logits')  # (B, V)
 
 
 def curriculum_keep(rng, patch_digit, background_keep, background_dropout=0.0):
@@ -356,12 +357,12 @@ def image_dependence(vlm, params, batch, position_mode='keep') -> dict[str, jax.
   std of answer logits across images for a fixed question; and the variance of projected tokens
   across images relative to their mean squared norm.
   """
-  logits = answer_logits(vlm, params, batch, position_mode)
-  shuffled = answer_logits(vlm, params, batch, position_mode,
+  logits = image_answer_logits(vlm, params, batch, position_mode)
+  shuffled = image_answer_logits(vlm, params, batch, position_mode,
                            pixels=jnp.roll(batch['pixels'], 1, axis=0))
   b = batch['pixels'].shape[0]
   n = (vlm.config.vit.image_size // vlm.config.vit.patch_size) ** 2
-  blind = answer_logits(vlm, params, batch, position_mode, visual_valid=jnp.zeros((b, n), bool))
+  blind = image_answer_logits(vlm, params, batch, position_mode, visual_valid=jnp.zeros((b, n), bool))
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   text_emb = vlm.apply({'params': params}, batch['question_ids'], method='embed_text')
   answer = batch['answer_id']
@@ -523,3 +524,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt_lib.save_params(out, state['params'])
   logging.info('wrote VLM params to %s (%.1f s of training this run)', out, time.time() - t0)
   return {'params_path': out, 'history': history, 'seconds': time.time() - t0}
+
+
+def check(c) -> None:
+  """Start-up check of `config.pretrain`; raises config_lib.ConfigError."""
+  if 'pretrain' not in c:
+    return
+  cl = config_lib
+  for f in ('batch_size', 'log_every', 'eval_examples', 'lm_cycles'):
+    cl.integer(c, f'pretrain.{f}')
+  for f in ('vision_steps', 'lm_steps', 'warmup_steps'):
+    cl.integer(c, f'pretrain.{f}', minimum=0)
+  for f in ('vision_lr', 'lr'):
+    cl.number(c, f'pretrain.{f}')
+  heads = cl.integer(c, 'pretrain.ground_heads', minimum=0)
+  if heads > c.model.llm.num_heads:
+    cl.fail('pretrain.ground_heads', heads, f'at most model.llm.num_heads={c.model.llm.num_heads}')
+  for f in ('ground_weight', 'spatial_weight'):
+    cl.number(c, f'pretrain.{f}', strict=False)
+  for f in ('token_curriculum', 'curriculum_min_keep', 'background_dropout'):
+    cl.fraction(c, f'pretrain.{f}')

@@ -50,6 +50,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gripjax import config_lib
+
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
 TENSOR_AXIS = 'tensor'
@@ -232,32 +234,51 @@ def rules_from_config(config, which: str) -> ShardingRules:
                        what=f'config.train.sharding.{which}')
 
 
-def validate_config(config) -> None:
-  """Start-up check of `config.train.sharding` against `config.train.mesh`'s axis names.
+def check(config, num_devices: int | None = None) -> None:
+  """Start-up check of `config.train.mesh` and `config.train.sharding`.
+
+  The mesh spec must be well formed, have a 'data' axis and resolve over `num_devices` (default:
+  `jax.device_count()`, every device of the job) with `train.batch_size` a multiple of its data
+  axis; the sharding strategies may only use axes the mesh has.
 
   Raises:
-    ValueError naming the field, its value and what was expected (a strategy name, a well-formed
-    rule, a mesh axis the strategy needs).
+    config_lib.ConfigError naming the field, its value and what was expected.
   """
-  c = sharding_config(config)
+  if 'train' not in config:
+    return
   mesh_spec = config.train.mesh
+  ok = isinstance(mesh_spec, tuple) and mesh_spec and all(
+      isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and config_lib.is_int(p[1])
+      and (p[1] >= 1 or p[1] == -1) for p in mesh_spec)
+  if not ok:
+    config_lib.fail('train.mesh', mesh_spec, "a non-empty tuple of (axis_name, size) pairs with size "
+                    ">= 1 or -1, e.g. (('data', -1),)")
+  mesh_names = [name for name, _ in mesh_spec]
+  if DATA_AXIS not in mesh_names:
+    config_lib.fail('train.mesh', mesh_spec, f'a {DATA_AXIS!r} axis')
+  num_devices = jax.device_count() if num_devices is None else num_devices
   try:
-    mesh_names = [str(name) for name, _ in mesh_spec]
-  except (TypeError, ValueError):
-    raise ValueError(f'config.train.mesh={mesh_spec!r} is invalid: expected a tuple of '
-                     "(axis_name, size) pairs, e.g. (('data', -1),).") from None
+    names, sizes = mesh_shape(mesh_spec, num_devices)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  data = sizes[names.index(DATA_AXIS)]
+  if config.train.batch_size % data:
+    config_lib.fail('train.batch_size', config.train.batch_size,
+                    f"a multiple of the mesh's {DATA_AXIS!r} axis size {data} over {num_devices} devices")
+  c = sharding_config(config)
   for which in ('vlm_params', 'agent_params'):
     try:
       rules = rules_from_config(config, which)
     except ValueError as e:
       if str(e).startswith('config.'):
-        raise
-      raise ValueError(f'config.train.sharding.{e}') from None  # e starts with the field name.
+        raise config_lib.ConfigError(str(e)) from None
+      raise config_lib.ConfigError(f'config.train.sharding.{e}') from None  # e starts with the field.
     missing = [a for a in rules.mesh_axes_needed() if a not in mesh_names]
     if missing:
-      raise ValueError(f'config.train.sharding.{which}={c[which]!r} is invalid with '
-                       f'config.train.mesh={mesh_spec!r}: expected the mesh to have the axes '
-                       f'{missing} (add e.g. ({missing[0]!r}, 2), or use a strategy without them).')
+      raise config_lib.ConfigError(
+          f'config.train.sharding.{which}={c[which]!r} is invalid with '
+          f'config.train.mesh={mesh_spec!r}: expected the mesh to have the axes '
+          f'{missing} (add e.g. ({missing[0]!r}, 2), or use a strategy without them).')
 
 
 def _freeze(x):
