@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from gripjax.models import init_params, make_vlm
 from gripjax.train import sharding
+from gripjax.train import sharding_report
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,16 +175,16 @@ def test_config_section_and_start_up_errors():
 
 
 def test_parse_mesh():
-  assert sharding.parse_mesh('data=1,fsdp=8') == (('data', 1), ('fsdp', 8))
-  assert sharding.parse_mesh('data=-1') == (('data', -1),)
+  assert sharding_report.parse_mesh('data=1,fsdp=8') == (('data', 1), ('fsdp', 8))
+  assert sharding_report.parse_mesh('data=-1') == (('data', -1),)
   for bad in ('data:8', 'data=x', '=4', ''):
     with pytest.raises(ValueError, match='is invalid: expected comma-separated axis=size'):
-      sharding.parse_mesh(bad)
+      sharding_report.parse_mesh(bad)
 
 
 def test_report_skips_strategies_the_mesh_cannot_hold():
   lines = []
-  rows = sharding.report(tiny_config(), 8, (('data', 2), ('fsdp', 4)), print_fn=lines.append)
+  rows = sharding_report.report(tiny_config(), 8, (('data', 2), ('fsdp', 4)), print_fn=lines.append)
   assert [r['strategy'] for r in rows] == list(sharding.STRATEGIES)
   assert 'skipped' in rows[2] and 'skipped' in rows[3] and rows[1]['ratio'] == 1.0  # Tiny: all small.
 
@@ -256,7 +257,7 @@ def test_7b_report_without_weights():
   """The entry point on the LLaVA-1.5-7B geometry: every leaf sharded, fsdp ~1/8 of replicated."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)  # One CPU device: the 8-device mesh is abstract.
-  r = subprocess.run([sys.executable, '-m', 'gripjax.train.sharding',
+  r = subprocess.run([sys.executable, '-m', 'gripjax.train.sharding_report',
                       '--config=configs/llava_1p5_7b.py'], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -282,7 +283,7 @@ def test_config_section_overrides_from_the_command_line(tmp_path):
       '  return c\n')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)
-  r = subprocess.run([sys.executable, '-m', 'gripjax.train.sharding', f'--config={config_file}',
+  r = subprocess.run([sys.executable, '-m', 'gripjax.train.sharding_report', f'--config={config_file}',
                       '--config.train.sharding.fsdp_min_size=0', '--mesh=data=2,fsdp=4',
                       '--strategies=replicate,fsdp'], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=120)
