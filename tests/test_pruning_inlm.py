@@ -269,7 +269,8 @@ def test_dart_pivots_from_layer_k_minus_1_keys(setup):
     return dart.select_visual(h[:, 1:1 + N], h[:, 1 + N:], l1[:, 1:1 + N], l1[:, 1 + N:], valid, K,
                               pivot_image=2, pivot_text=2)
 
-  out = jax.jit(lambda *a: dart.run_staged(*a, K, 'keep', pivot_image=2, pivot_text=2))(lm, visual, ids, valid)
+  run = jax.jit(lambda *a: dart.run_staged(*a, K, 'keep', pivot_image=2, pivot_text=2))
+  out = run(lm, visual, ids, valid)
   np.testing.assert_array_equal(out.index, reference(lm, visual, ids, valid))
   assert out.trace == (1 + N + T,) * layer + (1 + K + T,) * (DEPTH - layer)
 
@@ -297,8 +298,9 @@ def test_pyramiddrop_ranks_with_the_next_layers_attention(setup):
                                jnp.broadcast_to(jnp.arange(1 + n, 1 + n + T), (b, T))], axis=1)
       h = jnp.take_along_axis(h, slots[..., None], axis=1)
       kv = jnp.take_along_axis(kv, slots, axis=1)
-      pos = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.broadcast_to(jnp.arange(1, count + 1), (b, count)),
-                             count + jnp.cumsum(valid, axis=1)], axis=1)  # renumbered, as released
+      visual_pos = jnp.broadcast_to(jnp.arange(1, count + 1), (b, count))
+      pos = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), visual_pos, count + jnp.cumsum(valid, axis=1)],
+                            axis=1)  # renumbered, as released
       src, start = jnp.take_along_axis(src, keep, axis=1), layer
     h, _ = lm.apply('run_layers', h, pos, kv, start, DEPTH)
     return lm.apply('logits', h)[:, -1], src

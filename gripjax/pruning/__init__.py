@@ -4,21 +4,22 @@ See `base.py` for the contract. Pre-LM methods only look at the context's tensor
 (FastV, PyramidDrop, SparseVLM, DART) run LM layers and are called through `inlm.run` (their
 `prune(ctx, k)` raises).
 
-| method      | paper                        | released code followed                          | rule                                             |
-|-------------|------------------------------|-------------------------------------------------|--------------------------------------------------|
-| random      | -                            | -                                               | uniform random k-subset per example              |
-| uniform     | -                            | -                                               | evenly spaced lattice over the patch grid        |
-| fastervlm   | arXiv 2412.01818 (v1)        | Theia-4869/FasterVLM llava/model/llava_arch.py  | top-k [CLS] attention                            |
-| visionzip   | arXiv 2412.04467             | dvlab-research/VisionZip visionzip/clip_encoder.py | dominant by [CLS] attention + target + mean(assigned) |
-| divprune    | arXiv 2503.02175             | vbdi/divprune (LLaVA llava_arch.py `DivPrune`)  | greedy max-min cosine distance on tokens         |
-| vispruner   | arXiv 2412.01818 (v2), ICCV  | Theia-4869/VisPruner llava/model/llava_arch.py  | [CLS]-important + <= 8 duplicates removed/round  |
-| cdpruner    | arXiv 2506.10967             | Theia-4869/CDPruner llava/model/llava_arch.py   | greedy MAP of a DPP with negated relevance       |
-| dart (LM)   | arXiv 2502.11494             | ZichenWen1/DART LLaVA modeling_llama.py         | L1 key-norm image + text pivots, least similar   |
-| fastv (LM)  | arXiv 2403.06764             | pkunlp-icler/FastV .../llama/modeling_llama.py  | last token's attention after layer K             |
-| pyramiddrop (LM) | arXiv 2410.17247        | Cooperx521/PyramidDrop llava/model/modeling_llama_pdrop.py | staged drops by last-token attention |
-| sparsevlm (LM) | arXiv 2410.04417          | Gumpest/SparseVLMs llava/model/language_model/  | rater-text attention + recycling                 |
+| method           | paper                 | released code             | rule                                       |
+|------------------|-----------------------|---------------------------|--------------------------------------------|
+| random           | -                     | -                         | uniform random k-subset per example        |
+| uniform          | -                     | -                         | evenly spaced lattice over the patch grid  |
+| fastervlm        | arXiv 2412.01818 (v1) | Theia-4869/FasterVLM      | top-k [CLS] attention                      |
+| visionzip        | arXiv 2412.04467      | dvlab-research/VisionZip  | [CLS] dominant + target + mean(assigned)   |
+| divprune         | arXiv 2503.02175      | vbdi/divprune             | greedy max-min cosine distance on tokens   |
+| vispruner        | arXiv 2412.01818 (v2) | Theia-4869/VisPruner      | [CLS] important + <= 8 duplicates a round  |
+| cdpruner         | arXiv 2506.10967      | Theia-4869/CDPruner       | greedy MAP DPP, negated relevance weights  |
+| dart (LM)        | arXiv 2502.11494      | ZichenWen1/DART           | L1 key-norm image + text pivots, K = 2     |
+| fastv (LM)       | arXiv 2403.06764      | pkunlp-icler/FastV        | last token's attention after layer K = 2   |
+| pyramiddrop (LM) | arXiv 2410.17247      | Cooperx521/PyramidDrop    | staged drops, next layer's last-token row  |
+| sparsevlm (LM)   | arXiv 2410.04417      | Gumpest/SparseVLMs        | input-chosen raters' attention + recycling |
 
-Each file's header lists its deviations from the released code at our geometry.
+Each file's header names the released file it follows and lists its deviations from the released code
+at our geometry.
 """
 
 from gripjax.pruning import base
