@@ -1,6 +1,6 @@
-"""Tests for the grounding targets of the VLM recipe (gripjax/train/pretrain.py).
+"""Tests for the grounding targets of the VLM recipe (gripjax/train/vlm_objectives.py).
 
-Run: .venv/bin/python -m pytest -q tests/test_pretrain.py
+Run: .venv/bin/python -m pytest -q tests/test_vlm_objectives.py
 """
 
 import jax.numpy as jnp
@@ -8,12 +8,12 @@ import numpy as np
 
 from gripjax.data import tokenizer as tokenizer_lib
 from gripjax.data.grip_bench import scenes
-from gripjax.train import pretrain
+from gripjax.train import vlm_objectives
 
 
 def test_pair_targets_split_the_two_named_digits_over_two_heads():
   tok = tokenizer_lib.Tokenizer.load()
-  digit_of, _ = pretrain.word_ground_targets(tok, len(scenes.COLORS))
+  digit_of, _ = vlm_objectives.word_ground_targets(tok, len(scenes.COLORS))
   examples = [scenes.render_example(0, 'train', i) for i in range(20)]  # 4 of each family
   ids = np.stack([tok.encode_question(ex['question'], 16)[0] for ex in examples])
   patch_digit = np.stack([ex['patch_digit'] for ex in examples])  # (B, N)
@@ -22,7 +22,7 @@ def test_pair_targets_split_the_two_named_digits_over_two_heads():
   for e, ex in enumerate(examples):
     region[e, ex['region']] = True
   heads = 3  # heads 0 and 1 split the pair; head 2 keeps the answer region
-  targets, pair = pretrain._pair_targets(  # pylint: disable=protected-access
+  targets, pair = vlm_objectives._pair_targets(  # pylint: disable=protected-access
       jnp.broadcast_to(jnp.asarray(region)[:, None], (len(examples), heads, n)),
       {'question_ids': jnp.asarray(ids), 'patch_digit': jnp.asarray(patch_digit)},
       digit_of)
@@ -52,13 +52,13 @@ def test_curriculum_keep_and_background_dropout():
   patch_digit[:, ::20] = 3  # 8 digit patches per example
   patch_digit = jnp.asarray(patch_digit)
   rng = jax.random.PRNGKey(0)
-  every = np.asarray(pretrain.curriculum_keep(rng, patch_digit, 1.0))
+  every = np.asarray(vlm_objectives.curriculum_keep(rng, patch_digit, 1.0))
   assert every.all()
-  some = np.asarray(pretrain.curriculum_keep(rng, patch_digit, 0.25))
+  some = np.asarray(vlm_objectives.curriculum_keep(rng, patch_digit, 0.25))
   assert some[:, ::20].all() and abs(some.mean() - (8 + 0.25 * 136) / 144) < 0.01
   # A zero dropout share draws exactly the plain curriculum.
-  np.testing.assert_array_equal(pretrain.curriculum_keep(rng, patch_digit, 0.25, 0.0), some)
-  thinned = np.asarray(pretrain.curriculum_keep(rng, patch_digit, 1.0, 0.5))
+  np.testing.assert_array_equal(vlm_objectives.curriculum_keep(rng, patch_digit, 0.25, 0.0), some)
+  thinned = np.asarray(vlm_objectives.curriculum_keep(rng, patch_digit, 1.0, 0.5))
   assert thinned[:, ::20].all()  # digits always stay
   full_rows = thinned.all(axis=1)
   assert 0.4 < full_rows.mean() < 0.6  # about half the examples are thinned
