@@ -191,3 +191,16 @@ def test_rewards_values_and_registry():
     assert rewards.get(name) is rewards.REWARDS[name]
   with pytest.raises(ValueError, match='known rewards'):
     rewards.get('bleu')
+
+
+def test_step_kl_loss_by_hand():
+  """At the sampling policy (ratio 1): loss = -(mean A - c * mean kl) over the mask."""
+  logp = jnp.array([-1.0, -2.0, -0.5])
+  adv = jnp.array([1.0, -0.5, 2.0])
+  kl = jnp.array([0.2, 0.4, 9.0])
+  mask = jnp.array([True, True, False])
+  loss, m = grpo.grpo_loss_step_kl(logp, logp, kl, adv, mask, 0.2, 0.5)
+  # Entries 0 and 1: obj = (1.0 - 0.5) / 2 = 0.25; kl mean = 0.3; loss = -(0.25 - 0.5 * 0.3) = -0.1.
+  np.testing.assert_allclose(loss, -0.1, atol=1e-6)
+  np.testing.assert_allclose(m['kl_ref'], 0.3, atol=1e-6)
+  assert float(m['clip_ratio']) == 0.0 and abs(float(m['approx_kl'])) < 1e-7

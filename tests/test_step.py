@@ -226,6 +226,22 @@ def test_reference_is_snapshot_at_first_grpo_step(two_steps):
     np.testing.assert_array_equal(x, y)
 
 
+def test_several_updates_per_rollout_batch_activate_the_clip():
+  """ppo_epochs = 3: the first update is at ratio 1, the later ones move it and meet the clip; the
+  step still compiles once and its params equal three updates' worth of change."""
+  config = tiny_config(warmup_steps=0, ppo_epochs=3, clip_eps=0.02, lr=0.05, kl_coef=0.0)
+  _, vlm_params, _, state, train_step = build(config)
+  batch = {k: jnp.asarray(v) for k, v in fake_batch(8).items()}
+  before = host(state.params)
+  state, m = train_step(state, batch, vlm_params)
+  m = host(m)
+  assert train_step._cache_size() == 1 and float(m['phase']) == 1.0
+  assert float(m['approx_kl']) > 0 and float(m['clip_ratio']) > 0, m
+  assert abs(float(m['policy_loss']) - 0.0) < 1e-5  # first update: ratio 1, advantages mean 0
+  assert max(np.max(np.abs(x - y)) for x, y in zip(jax.tree.leaves(before),
+                                                      jax.tree.leaves(host(state.params)))) > 0
+
+
 def test_check_names_the_field():
   cases = [('group_size', 1, 'config.train.group_size=1 is invalid'),
            ('rho_range', (0.5, 0.1), 'config.train.rho_range=(0.5, 0.1) is invalid'),

@@ -129,17 +129,37 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, kl_coef):
       A > 0, or ratio < 1 - eps with A < 0).
   """
   on = jnp.asarray(mask, jnp.float32) > 0
-  old_logp = jax.lax.stop_gradient(old_logp)
   ref_logp = jax.lax.stop_gradient(ref_logp)
+  log_ref_ratio = jnp.where(on, ref_logp - logp, 0.0)
+  kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0
+  return _clipped_loss(logp, old_logp, adv, mask, clip_eps, kl_coef, kl)
+
+
+@jax.jit
+def grpo_loss_step_kl(logp, old_logp, step_kl, adv, mask, clip_eps, kl_coef):
+  """Clipped GRPO objective with the exact per-step KL to the reference policy.
+
+  As `grpo_loss`, with kl_i = `policy.step_kl` of keep-set i (the mean over its selection steps of
+  the exact KL between the current and the reference step distributions, carrying the gradient):
+
+    loss = - sum_i m_i (obj_i - kl_coef * step_kl_i) / max(sum_i m_i, 1)
+
+  Metrics as `grpo_loss`'s (`kl_ref` is the masked mean step KL, in nats per step).
+  """
+  return _clipped_loss(logp, old_logp, adv, mask, clip_eps, kl_coef, step_kl)
+
+
+def _clipped_loss(logp, old_logp, adv, mask, clip_eps, kl_coef, kl):
+  """The clipped ratio objective minus kl_coef * kl, and the metrics; see `grpo_loss`."""
+  on = jnp.asarray(mask, jnp.float32) > 0
+  old_logp = jax.lax.stop_gradient(old_logp)
   adv = jax.lax.stop_gradient(jnp.asarray(adv, jnp.float32))
 
   log_ratio = jnp.where(on, logp - old_logp, 0.0)
   ratio = jnp.exp(log_ratio)
   clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   obj = jnp.minimum(ratio * adv, clipped_ratio * adv)
-
-  log_ref_ratio = jnp.where(on, ref_logp - logp, 0.0)
-  kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0
+  kl = jnp.where(on, kl, 0.0)
 
   loss = -_masked_mean(obj - kl_coef * kl, mask)
 
@@ -169,51 +189,68 @@ def reinforce_loss(logp, adv, mask):
   return -_masked_mean(adv * jnp.where(on, logp, 0.0), mask)
 
 
-def grpo_objective(logits, ref_logits, orders, order_valid, reward, clip_eps, kl_coef):
-  """GRPO loss of sampled keep-sets given their rewards; gradients flow through `logits` only.
+# The KL term of the GRPO objective, by `train.kl_estimator`.
+KL_ESTIMATORS = ('step', 'k3')
 
-    A = group_advantages(r),  mask = isfinite(r)
-    logp_bg = log PL(o_bg | s_b),  ref_logp_bg = log PL(o_bg | s_ref_b)
-    loss = grpo_loss(logp, stop_gradient(logp), ref_logp, A, mask, clip_eps, kl_coef)
+
+def grpo_objective(logits, ref_logits, old_logp, orders, order_valid, adv, mask, clip_eps, kl_coef,
+                   kl_estimator='step'):
+  """GRPO loss of sampled keep-sets given their advantages; gradients flow through `logits` only.
+
+    logp_bg = log PL(o_bg | s_b),  old_logp_bg = log PL(o_bg | s at sampling time)
+    kl_estimator 'step': loss = grpo_loss_step_kl(logp, old_logp, step_kl(s, s_ref, o), A, mask, ...)
+    kl_estimator 'k3':   loss = grpo_loss(logp, old_logp, log PL(o | s_ref), A, mask, ...)
 
   Args:
     logits, ref_logits: (B, N) current and reference scores.
+    old_logp: (B, G) log-probabilities of the orders under the policy that sampled them.
     orders: (B, G, k_max) sampled orders; order_valid: (B, 1 or G, k_max) step mask.
-    reward: (B, G) rewards; non-finite ones are masked out (and counted).
+    adv: (B, G) advantages; mask: (B, G) bool, the keep-sets with a finite reward.
 
   Returns:
-    loss and metrics (grpo_loss's, group_advantages', and `entropy`).
+    loss and metrics (the loss's, and `entropy`).
   """
-  adv, reward_metrics = group_advantages(reward)  # (B, G)
-  mask = jnp.isfinite(reward)  # (B, G)
-  ref_logp = policy.log_prob(jax.lax.stop_gradient(ref_logits)[:, None, :], orders, None,
-                             order_valid)  # (B, G)
   logp = policy.log_prob(logits[:, None, :], orders, None, order_valid)  # (B, G)
-  loss, metrics = grpo_loss(logp, jax.lax.stop_gradient(logp), ref_logp, adv, mask, clip_eps, kl_coef)
+  ref = jax.lax.stop_gradient(ref_logits)[:, None, :]
+  if kl_estimator == 'step':
+    kl = policy.step_kl(logits[:, None, :], ref, orders, None, order_valid)  # (B, G)
+    loss, metrics = grpo_loss_step_kl(logp, old_logp, kl, adv, mask, clip_eps, kl_coef)
+  elif kl_estimator == 'k3':
+    ref_logp = policy.log_prob(ref, orders, None, order_valid)  # (B, G)
+    loss, metrics = grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, kl_coef)
+  else:
+    raise ValueError(f'kl_estimator={kl_estimator!r} is invalid: expected one of {KL_ESTIMATORS}.')
   ent = policy.entropy(jax.lax.stop_gradient(logits)[:, None, :], orders, None, order_valid)
-  return loss, dict(metrics, **reward_metrics, entropy=jnp.mean(ent))
+  return loss, dict(metrics, entropy=jnp.mean(ent))
 
 
 def make_grpo_phase(config):
-  """The train step's GRPO phase (reads `train.group_size`, `train.reward`, `train.clip_eps`,
-  `train.kl_coef`). Returns `phase(params, inputs) -> (grads, metrics)` (see `rl/phase.py`):
+  """The train step's GRPO phase. Returns `phase(params, opt_state, inputs, update)` (rl/phase.py).
+
+  Reads `train.group_size` (G), `train.reward`, `train.clip_eps`, `train.kl_coef`,
+  `train.kl_estimator` and `train.ppo_epochs` (E):
 
     s_b = scorer(V_b, Q_b, rho_b)                                             (B, N)
     o_bg ~ PL(s_b) by Gumbel-top-k_max, g < G; slots t >= k_b masked          (B, G, k_max)
     r_bg = reward(VLM(V_b[sorted o_bg], question_b)[answer slot], target_b)   (B, G), on B * G rollouts
-    loss = grpo_objective(s(params), s(ref_params), o, mask, r, clip_eps, kl_coef)
+    A = group_advantages(r),  old_logp = log PL(o | s_b) at sampling time
+    E times:  params <- update(params, grad grpo_objective(s(params), s(ref_params), old_logp, o, A))
 
-  One optimizer update per batch: the samples come from the current params, so old_logp equals logp
-  and the ratio is exactly 1 (its gradient is the policy gradient A * grad log pi); clip_ratio and
-  approx_kl stay 0 and are logged so a multi-epoch variant shows them. The B x G rollouts are the
-  expensive part: one (B * G)-row forward of the frozen VLM, split over the mesh's data axis.
+  The B x G rollouts are the expensive part (one (B * G)-row forward of the frozen VLM, split over
+  the mesh's data axis); the E updates reuse them and cost only scorer passes. In the first update
+  the ratio is exactly 1 (its gradient is the policy gradient A * grad log pi); from the second on
+  the ratio moves away from 1 and the clip bounds how far one batch can push the policy
+  (`clip_ratio`, `approx_kl` are the last update's). Metrics other than those are from the first
+  update (the loss at the sampling policy).
   """
   t = config.train
   group = int(t.group_size)
   reward_fn = rewards_lib.get(t.reward)
   clip_eps, kl_coef = float(t.clip_eps), float(t.kl_coef)
+  kl_estimator = t.get('kl_estimator', 'step')
+  epochs = int(t.get('ppo_epochs', 1))
 
-  def phase(params, inputs: phase_lib.PhaseInputs):
+  def phase(params, opt_state, inputs: phase_lib.PhaseInputs, update):
     b = inputs.visual.shape[0]
     rows = inputs.rows
     logits = jax.lax.stop_gradient(inputs.score(params))  # (B, N)
@@ -229,12 +266,26 @@ def make_grpo_phase(config):
     target = inputs.reward_target()  # (B,) or (B, vocab)
     target = jnp.broadcast_to(target[:, None], (b, group) + target.shape[1:])  # (B, G[, vocab])
     reward = reward_fn(out, target)  # (B, G)
+    adv, reward_metrics = group_advantages(reward)  # (B, G)
+    mask = jnp.isfinite(reward)  # (B, G)
+    old_logp = policy.log_prob(logits[:, None, :], orders, None, order_valid)  # (B, G)
     ref_logits = inputs.score(inputs.ref_params)  # (B, N)
 
     def loss_fn(p):
-      return grpo_objective(inputs.score(p), ref_logits, orders, order_valid, reward, clip_eps, kl_coef)
+      return grpo_objective(inputs.score(p), ref_logits, old_logp, orders, order_valid, adv, mask,
+                            clip_eps, kl_coef, kl_estimator)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, dict(metrics, loss=loss, phase=1.0, tokens_kept=jnp.mean(inputs.k.astype(jnp.float32)))
+    def one_update(carry, _):
+      p, opt = carry
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+      p, opt, grad_norm = update(p, opt, grads)
+      return (p, opt), dict(metrics, loss=loss, grad_norm=grad_norm)
+
+    (params, opt_state), per_epoch = jax.lax.scan(one_update, (params, opt_state), None, length=epochs)
+    first = jax.tree.map(lambda x: x[0], per_epoch)
+    metrics = dict(first, **reward_metrics, phase=1.0,
+                   tokens_kept=jnp.mean(inputs.k.astype(jnp.float32)),
+                   clip_ratio=per_epoch['clip_ratio'][-1], approx_kl=per_epoch['approx_kl'][-1])
+    return params, opt_state, metrics
 
   return phase

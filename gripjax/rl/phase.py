@@ -3,9 +3,11 @@
 The train step (`train/step.make_train_step`) encodes the batch, draws each example's budget and
 builds a `PhaseInputs`; a phase is a function
 
-  phase(params, inputs: PhaseInputs) -> (grads, metrics)
+  phase(params, opt_state, inputs: PhaseInputs, update) -> (params, opt_state, metrics)
+  update(params, opt_state, grads) -> (params, opt_state, grad_norm)     # the optimizer, given
 
-that computes the gradient of its loss with respect to the scorer's `params`. The warm-up
+that updates the scorer's params once (the warm-up, a relaxation) or several times on one batch
+(GRPO's `train.ppo_epochs`). The warm-up
 (`rl/warmup.make_warmup_phase`) is the first phase; GRPO (`rl/grpo.make_grpo_phase`) or a
 continuous relaxation (`rl/relaxation.make_*_phase`) is the second. Phases return a subset of
 `METRIC_KEYS`; `filled` gives every step the same metric keys whatever the phase.
@@ -99,3 +101,13 @@ def tile(x, times: int, rows=lambda y: y):
 def flatten_group(x, rows=lambda y: y):
   """(B, G, ...) -> (B * G, ...), row b * G + g; split over the mesh by `rows`."""
   return rows(x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]))
+
+
+def one_update(loss_fn, params, opt_state, update, phase: float):
+  """A phase's single optimizer update: grads of `loss_fn(params) -> (loss, metrics)`, applied.
+
+  Returns (params, opt_state, metrics with `loss`, `phase` and `grad_norm`).
+  """
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  params, opt_state, grad_norm = update(params, opt_state, grads)
+  return params, opt_state, dict(metrics, loss=loss, phase=phase, grad_norm=grad_norm)

@@ -214,6 +214,38 @@ def entropy(logits, order, valid=None, order_valid=None):
   return jnp.sum(jnp.where(ov, h, 0.0), axis=-1) / jnp.maximum(num, 1)
 
 
+@jax.jit
+def step_kl(logits, ref_logits, order, valid=None, order_valid=None):
+  """Mean per-step KL(pi_t || ref_t) along sampled orders, exact at each step.
+
+  KL_t = sum_{j in R_t} p_t(j) [log p_t(j) - log q_t(j)],
+  p_t = softmax(s restricted to R_t),  q_t = softmax(s_ref restricted to R_t),
+  step_kl = mean over order_valid steps t of KL_t.
+
+  Each step's KL is computed exactly over the tokens still available (no sampled estimator), and
+  the steps are averaged, not summed, so the value is in nats per selection step whatever the
+  budget k: it stays comparable across budgets, and a policy that sharpens on a few tokens cannot
+  make it explode the way the sequence-level k3 estimate exp(x) - x - 1 of a k-step log-ratio x
+  does. Gradients flow through `logits` (and `ref_logits`, which callers stop).
+
+  Args:
+    logits, ref_logits: (..., N) scores, broadcast against `order`'s leading dims.
+    order: (..., k) sampled orders; valid, order_valid as in `log_prob`.
+
+  Returns:
+    (...,) float32, >= 0.
+  """
+  s, _, avail, lse, ov = _remaining(logits, order, valid, order_valid)
+  r, _, _, ref_lse, _ = _remaining(ref_logits, order, valid, order_valid)
+  ok = jnp.isfinite(lse) & jnp.isfinite(ref_lse)  # (..., k): R_t non-empty
+  logp = jnp.where(avail, s[..., None, :] - jnp.where(ok, lse, 0.0)[..., None], 0.0)  # (..., k, N)
+  logq = jnp.where(avail, r[..., None, :] - jnp.where(ok, ref_lse, 0.0)[..., None], 0.0)
+  p = jnp.where(avail, jnp.exp(logp), 0.0)
+  kl = jnp.where(ok, jnp.sum(p * (logp - logq), axis=-1), 0.0)  # (..., k)
+  num = jnp.sum(ov, axis=-1)
+  return jnp.sum(jnp.where(ov, kl, 0.0), axis=-1) / jnp.maximum(num, 1)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def keep_mask(order, n, order_valid=None):
   """(..., k) indices -> (..., n) bool mask of the kept tokens."""

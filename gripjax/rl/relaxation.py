@@ -201,7 +201,7 @@ def make_straight_through_phase(config):
   tau, samples = relax_options(config)
   reward_fn = rewards_lib.get(config.train.reward)
 
-  def phase(params, inputs: phase_lib.PhaseInputs):
+  def phase(params, opt_state, inputs: phase_lib.PhaseInputs, update):
     b = inputs.visual.shape[0]
     rows = inputs.rows
     tile = lambda x: phase_lib.tile(x, samples, rows)  # (B * S, ...), row b * S + s
@@ -221,11 +221,14 @@ def make_straight_through_phase(config):
       reward = reward_fn(jax.lax.stop_gradient(out), target).reshape(b, samples)  # (B, S)
       return loss, (logits, order, reward)
 
-    (loss, (logits, order, reward)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    _, reward_metrics = grpo.group_advantages(reward)
-    order_valid = policy.step_mask(inputs.k, inputs.k_max)[:, None, :]  # (B, 1, k_max)
-    ent = policy.entropy(jax.lax.stop_gradient(logits)[:, None, :], order, None, order_valid)
-    return grads, dict(reward_metrics, loss=loss, phase=1.0, entropy=jnp.mean(ent),
-                       tokens_kept=jnp.mean(inputs.k.astype(jnp.float32)))
+    def with_metrics(p):
+      loss, (logits, order, reward) = loss_fn(p)
+      _, reward_metrics = grpo.group_advantages(reward)
+      order_valid = policy.step_mask(inputs.k, inputs.k_max)[:, None, :]  # (B, 1, k_max)
+      ent = policy.entropy(jax.lax.stop_gradient(logits)[:, None, :], order, None, order_valid)
+      return loss, dict(reward_metrics, entropy=jnp.mean(ent),
+                        tokens_kept=jnp.mean(inputs.k.astype(jnp.float32)))
+
+    return phase_lib.one_update(with_metrics, params, opt_state, update, phase=1.0)
 
   return phase

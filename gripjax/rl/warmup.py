@@ -171,12 +171,12 @@ def make_warmup_phase(config):
   """The train step's first phase: ListMLE on the teacher's top-m order (+ the optional KL).
 
   Reads `train.teacher`, `train.warmup_top` (m = min(this, N)), `train.loo_chunk` and
-  `train.warmup_kl_coef`. Returns `phase(params, inputs) -> (grads, metrics)` (see `rl/phase.py`).
+  `train.warmup_kl_coef`. Returns `phase(params, opt_state, inputs, update)` (see `rl/phase.py`).
   """
   t = config.train
   teacher, top, chunk, kl_coef = t.teacher, int(t.warmup_top), int(t.loo_chunk), float(t.warmup_kl_coef)
 
-  def phase(params, inputs: phase_lib.PhaseInputs):
+  def phase(params, opt_state, inputs: phase_lib.PhaseInputs, update):
     m = min(top, inputs.visual.shape[1])
     importance, _ = teacher_importance(teacher, inputs.vlm, inputs.vlm_params, inputs.visual,
                                        inputs.question_ids, inputs.question_valid, inputs.answer_id,
@@ -185,7 +185,6 @@ def make_warmup_phase(config):
     def loss_fn(p):
       return warmup_loss(inputs.score(p), importance, m, kl_coef)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, dict(metrics, loss=loss, phase=0.0)
+    return phase_lib.one_update(loss_fn, params, opt_state, update, phase=0.0)
 
   return phase

@@ -103,10 +103,18 @@ def check(config) -> None:
   cl.number(config, 'train.warmup_kl_coef', strict=False)
   cl.integer(config, 'train.loo_chunk')
   cl.integer(config, 'train.log_every')
+  if 'val_examples' in t:
+    cl.integer(config, 'train.val_examples', 0)
+    for i, rho in enumerate(cl.nonempty_tuple(config, 'train.val_budgets', 'keep ratios in (0, 1]')):
+      cl.keep_ratio(rho, f'train.val_budgets[{i}]')
   cl.integer(config, 'train.checkpoint_every')
   if 'checkpoint_keep' in t:
     cl.integer(config, 'train.checkpoint_keep')
   cl.choice(config, 'train.algorithm', tuple(SECOND_PHASES))
+  if 'kl_estimator' in t:
+    cl.choice(config, 'train.kl_estimator', grpo.KL_ESTIMATORS)
+  if 'ppo_epochs' in t:
+    cl.integer(config, 'train.ppo_epochs')
 
 
 # The phase after the warm-up, by `train.algorithm`: a factory config -> phase (see rl/phase.py).
@@ -173,8 +181,9 @@ def make_train_step(vlm, scorer, tx, config, second_phase: Callable | None = Non
     tx: optax transformation of the scorer params (`make_optimizer`).
     config: the full config, checked at start-up (`gripjax.checks.check_config`); reads `train`
       and `model.position_mode`.
-    second_phase: `phase(params, inputs) -> (grads, metrics)` run from step `train.warmup_steps`
-      on (see rl/phase.py); None builds `SECOND_PHASES[train.algorithm](config)`.
+    second_phase: `phase(params, opt_state, inputs, update) -> (params, opt_state, metrics)` run
+      from step `train.warmup_steps` on (see rl/phase.py); None builds
+      `SECOND_PHASES[train.algorithm](config)`.
     mesh: optional mesh with a 'data' axis: batch rows and rollouts are split over it. None: no
       sharding annotations (one device).
     jit: False returns the plain Python function (for debugging).
@@ -198,6 +207,10 @@ def make_train_step(vlm, scorer, tx, config, second_phase: Callable | None = Non
   label_free = t.reward in rewards_lib.LABEL_FREE
   position_mode = config.model.position_mode
   rows = row_constraint(mesh)
+
+  def apply_update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
   def train_step(state: TrainState, batch: dict, vlm_params) -> tuple[TrainState, dict]:
     vlm_params = jax.lax.stop_gradient(vlm_params)
@@ -223,16 +236,13 @@ def make_train_step(vlm, scorer, tx, config, second_phase: Callable | None = Non
         rows=rows, position_mode=position_mode)
 
     def run(phase):
-      def branch(params):
-        grads, metrics = phase(params, inputs)
-        return grads, phase_lib.filled(metrics)
+      def branch(params, opt_state):
+        params, opt_state, metrics = phase(params, opt_state, inputs, apply_update)
+        return params, opt_state, phase_lib.filled(metrics)
       return branch
 
-    grads, metrics = jax.lax.cond(state.step < warmup_steps, run(first_phase), run(second_phase),
-                                  state.params)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, metrics = jax.lax.cond(state.step < warmup_steps, run(first_phase),
+                                              run(second_phase), state.params, state.opt_state)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ref_params=ref_params,
                      rng=rng)
     return new, metrics

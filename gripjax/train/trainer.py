@@ -32,10 +32,12 @@ import jax
 import ml_collections
 
 from gripjax import config_lib
+from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
 from gripjax.train import checkpoint as ckpt_lib
 from gripjax.train import sharding
 from gripjax.train import step as step_lib
+from gripjax.train import validation
 
 # Batch keys the step reads; the others stay on the host.
 BATCH_KEYS = ('pixels', 'question_ids', 'question_valid', 'answer_id')
@@ -152,13 +154,29 @@ def _log_memory(compiled) -> None:
                {k: round(v / 2**20, 2) for k, v in sizes.items()})
 
 
+def _validator(config, vlm, scorer, tok, workdir, mesh):
+  """`validate(agent_params, vlm_params) -> {metric: float}` on the first `train.val_examples`
+  validation examples (`train/validation.py`), replicated over the mesh; None when 0."""
+  from gripjax import runtime  # pylint: disable=g-import-not-at-top
+  from gripjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  count = config.train.get('val_examples', 0)
+  if not count:
+    return None
+  source = runtime.split_source(config, workdir, 'validation')
+  batch = next(pipeline.eval_batches(source, tok, min(count, len(source)),
+                                     config.data.max_question_len))
+  batch = jax.device_put({k: v for k, v in batch.items() if k in BATCH_KEYS},
+                         sharding.replicated(mesh))
+  fn = validation.make_validator(vlm, scorer, config, batch)
+  return lambda params, vlm_params: {k: float(v) for k, v in jax.device_get(fn(params, vlm_params)).items()}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs agent training; returns {'params_path', 'history' (logged rows), 'seconds'}."""
   from gripjax import runtime  # pylint: disable=g-import-not-at-top
   from gripjax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  step_lib.validate_config(config)
-  t = config.train
+  t = config.train  # Checked at start-up (gripjax.checks.check_config).
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(t.batch_size, mesh)
   is_main = jax.process_index() == 0
@@ -175,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   n = runtime.num_visual_tokens(config)
   text_len = config.data.max_question_len
   scorer = scorer_lib.make_scorer(config)
-  cost = scorer_lib.cost_report(config, text_len)
+  cost = costs.cost_report(config, text_len)
   logging.info('train_agent: scorer %d params, %.3g FLOPs per example (%.3g%% of the VLM prefill + '
                'vision)', cost['scorer_params'], cost['scorer_flops'], 100 * cost['flops_ratio'])
   tx = step_lib.make_optimizer(config)
@@ -202,13 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('train_agent: %s at step %d of %d (warm-up until %d)',
                'resuming' if restored else 'starting', start, t.steps, t.warmup_steps)
 
-  if t.get('algorithm', 'grpo') == 'relaxation':  # The straight-through baseline of the ablations.
-    from gripjax.train import relax_step  # pylint: disable=g-import-not-at-top
-    make_step = relax_step.make_relax_train_step
-  else:
-    make_step = step_lib.make_train_step
-  train_step = make_step(vlm, scorer, tx, config, mesh,
-                         state_sharding=state_shardings, vlm_sharding=vlm_shardings)
+  # The second phase (GRPO or a relaxation baseline) is picked by train.algorithm.
+  train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh=mesh,
+                                        state_sharding=state_shardings, vlm_sharding=vlm_shardings)
   batches = pipeline.prefetch(pipeline.batch_iterator(
       train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count()))
@@ -220,7 +234,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.time()
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   if is_main:
-    _truncate_metrics(metrics_path, start)
+    # A run from step 0 starts a new log; a resumed one drops what followed its checkpoint.
+    _truncate_metrics(metrics_path, start if start else -1)
+  validate = _validator(config, vlm, scorer, tok, workdir, mesh)
+  if validate is not None and start == 0:
+    row = {'step': 0, 'phase': 0, **validate(state.params, vlm_params)}
+    history.append(row)
+    if is_main:
+      _append_metrics(metrics_path, row)
   if start < t.steps:
     batch = next_batch()
     compiled = train_step.lower(state, batch, vlm_params).compile()
@@ -239,10 +260,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         metrics = jax.device_get(metrics)
         row = {'step': done, 'phase': int(metrics['phase']), 'loss': float(metrics['loss'])}
         row.update({k: float(v) for k, v in metrics.items() if k not in row})
+        if validate is not None:
+          row.update(validate(state.params, vlm_params))
         row['seconds'] = round(time.time() - t0, 2)
         history.append(row)
         bar.set_postfix(phase=row['phase'], loss=f"{row['loss']:.4g}",
-                        reward=f"{row['reward/mean']:.3g}")
+                        reward=f"{row['reward/mean']:.3g}", val=f"{row.get('val/reward', float('nan')):.3g}")
         if is_main:
           _append_metrics(metrics_path, row)
       if done % t.checkpoint_every == 0 or last:
