@@ -23,6 +23,8 @@ from absl import logging
 import ml_collections
 
 from gripjax import config_lib
+from gripjax.eval import evaluate
+from gripjax.train import trainer
 
 
 def demo_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -50,8 +52,6 @@ def check(c) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-  from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
-  from gripjax.train import trainer  # pylint: disable=g-import-not-at-top
   c = demo_config(config, workdir)
   evaluate.check_methods(c.eval.methods)  # fail before training, not after
   logging.info('demo: 1/2 training the agent for %d steps (%d warm-up)', c.train.steps,

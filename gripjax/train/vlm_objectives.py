@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gripjax.models import vlm as vlm_lib
+
 
 class VisionHeads(nn.Module):
   """Auxiliary heads of stage 1: per-patch digit and colour, image-level presence and count."""
@@ -288,7 +290,6 @@ def _word_ground_loss(attn, batch, word_targets, n):
 
 
 def _llm_depth(vlm) -> int:
-  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
   return vlm_lib.ModelConfig.from_config(vlm.config).llm.depth
 
 
