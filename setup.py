@@ -23,6 +23,8 @@ setuptools.setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10",
+        # Benchmark files (parquet with embedded images) are read with pyarrow.
+        "pyarrow>=14",
         # The benchmark's real images: handwritten digits and photos shipped inside these packages.
         "scikit-learn>=1.4",
         "scikit-image>=0.22",
