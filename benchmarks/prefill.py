@@ -31,8 +31,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from gripjax import config_lib
-from gripjax.eval import efficiency
+from gripjax import checks
+from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
 from gripjax.models import vlm as vlm_lib
 from gripjax.rl import policy
@@ -51,7 +51,7 @@ def main():
   args = parser.parse_args()
 
   name = os.path.splitext(os.path.basename(args.config))[0]
-  config = config_lib.validate(helpers.load_config(name))
+  config = checks.check_config(helpers.load_config(name))
   vocab = config.model.llm.vocab_size or 64
   model = vlm_lib.make_vlm(config.model, vocab)
   mc = vlm_lib.ModelConfig.from_config(model.config)
@@ -110,7 +110,7 @@ def main():
         jax.block_until_ready(agent(timed_agent[k], k))
         agent_times[k].append(time.perf_counter() - t0)
   full = np.median(times[n])
-  full_flops = efficiency.prefill_flops(config, n, t, vocab)
+  full_flops = costs.prefill_flops(config, n, t, vocab)
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}, {platform.processor() or platform.machine()})'
   rows = []
   print(f'config={name} device={device} batch={b} text_len={t} N={n} dtype={mc.dtype}')
@@ -122,7 +122,7 @@ def main():
   for rho, k in zip(budgets, ks):
     med = float(np.median(times[k]))
     measured = full / med
-    flop = full_flops / efficiency.prefill_flops(config, k, t, vocab)
+    flop = full_flops / costs.prefill_flops(config, k, t, vocab)
     agent_s = float(np.median(agent_times[k])) if k in agent_times else None
     share = None if agent_s is None else agent_s / (agent_s + med)
     with_agent = None if agent_s is None else full / (agent_s + med)

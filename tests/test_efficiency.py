@@ -1,4 +1,4 @@
-"""Analytic FLOPs and KV-cache bytes against hand computations for the smoke config.
+"""Analytic FLOPs and KV-cache bytes (`gripjax.models.costs`) against hand computations for the smoke config.
 
 Run: .venv/bin/python -m pytest -q tests/test_efficiency.py
 
@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gripjax.eval import efficiency
-from gripjax.models import scorer as scorer_lib
+from gripjax.models import costs
 from gripjax.models import vlm as vlm_lib
 from tests.helpers import load_config
 
@@ -36,18 +35,18 @@ def test_prefill_flops(config):
   # <bos> + 9 visual + 16 text = 26 slots; 2 layers; LM head on the last slot: 2 * 32 * 60.
   by_hand = 2 * (6144 * 26 + 12288 * 26 + 128 * 26 * 26) + 3840
   assert by_hand == 2 * lm_layer_by_hand(26, 26) + 2 * 32 * V == 1135360
-  assert efficiency.prefill_flops(config, 9, 16, V) == by_hand
+  assert costs.prefill_flops(config, 9, 16, V) == by_hand
 
 
 def test_kv_cache_bytes(config):
   # S = 1 + 36 + 16 + 4 = 57 slots; per slot and layer: k and v of 1 head x 16 values.
-  assert efficiency.cache_len(36, 16, 4) == 57
-  assert efficiency.kv_cache_bytes(config, 36, 16, 4) == 2 * 2 * 57 * 1 * 16 * 4 == 14592  # float32
-  assert efficiency.kv_cache_bytes(config, 36, 16, 4, dtype_bytes=2) == 7296
-  assert efficiency.kv_cache_bytes(config, 9, 16, 4) == 2 * 2 * 30 * 16 * 4  # 9 kept: S = 30
+  assert costs.cache_len(36, 16, 4) == 57
+  assert costs.kv_cache_bytes(config, 36, 16, 4) == 2 * 2 * 57 * 1 * 16 * 4 == 14592  # float32
+  assert costs.kv_cache_bytes(config, 36, 16, 4, dtype_bytes=2) == 7296
+  assert costs.kv_cache_bytes(config, 9, 16, 4) == 2 * 2 * 30 * 16 * 4  # 9 kept: S = 30
   config = config.copy_and_resolve_references()
   config.model.dtype = 'bfloat16'
-  assert efficiency.kv_cache_bytes(config, 36, 16, 4) == 7296
+  assert costs.kv_cache_bytes(config, 36, 16, 4) == 7296
 
 
 def test_kv_cache_bytes_equal_the_cache_generation_allocates(config):
@@ -64,18 +63,18 @@ def test_kv_cache_bytes_equal_the_cache_generation_allocates(config):
       lambda *a: model.apply(*a, 'keep', 1 + k + t + m, method=vlm_lib.VLM.prefill),
       variables, visual, index, valid, ids, text_valid)
   nbytes = sum(x.size * x.dtype.itemsize for layer in cache['layers'] for x in layer.values())
-  assert nbytes == efficiency.kv_cache_bytes(config, k, t, m)
+  assert nbytes == costs.kv_cache_bytes(config, k, t, m)
 
 
 def test_decode_and_generate_flops(config):
   # k = 9, T = 16, m = 4: S = 30 slots; each decode step runs one token against all 30.
   per_token = 2 * (6144 + 12288 + 128 * 30) + 3840
   assert per_token == 2 * lm_layer_by_hand(1, 30) + 2 * 32 * V == 48384
-  assert efficiency.decode_token_flops(config, 9, 16, 4, V) == per_token
-  assert efficiency.decode_token_flops(config, 9, 16, 4, V) == efficiency.decode_flops(config, 29, V)
+  assert costs.decode_token_flops(config, 9, 16, 4, V) == per_token
+  assert costs.decode_token_flops(config, 9, 16, 4, V) == costs.decode_flops(config, 29, V)
   # The first token comes from prefill; 3 decode steps follow.
-  assert efficiency.generate_flops(config, 9, 16, 4, V) == 1135360 + 3 * per_token
-  assert efficiency.generate_flops(config, 9, 16, 1, V) == 1135360
+  assert costs.generate_flops(config, 9, 16, 4, V) == 1135360 + 3 * per_token
+  assert costs.generate_flops(config, 9, 16, 1, V) == 1135360
 
 
 def test_vision_flops(config):
@@ -84,18 +83,18 @@ def test_vision_flops(config):
   layer = 2 * 37 * 32 * 4 * 32 + 2 * 37 * 32 * 64 * 2 + 2 * 2 * 37 * 37 * 32
   proj = 2 * 36 * (32 * 32 + 32 * 32)
   assert (patch, layer, proj) == (442368, 781440, 147456)
-  assert efficiency.vision_flops(config) == patch + 2 * layer + proj  # both layers (HF's tower)
-  assert efficiency.vision_feature_layers(config) == 1  # feature_layer -2 of 2 layers
-  assert efficiency.vision_flops(config, 1) == patch + layer + proj == 1371264
+  assert costs.vision_flops(config) == patch + 2 * layer + proj  # both layers (HF's tower)
+  assert costs.vision_feature_layers(config) == 1  # feature_layer -2 of 2 layers
+  assert costs.vision_flops(config, 1) == patch + layer + proj == 1371264
 
 
 def test_request_flops(config):
-  out = efficiency.request_flops(config, 9, 16, 4, V, scorer=True)
+  out = costs.request_flops(config, 9, 16, 4, V, scorer=True)
   assert out['vision'] == 1371264
-  assert out['scorer'] == scorer_lib.scorer_flops(config, 36, 16) == efficiency.scorer_flops(config, 16)
+  assert out['scorer'] == costs.scorer_flops(config, 36, 16)
   assert out['prefill'] == 1135360 and out['decode'] == 3 * 48384
   assert out['total'] == sum(v for key, v in out.items() if key != 'total')
-  assert efficiency.request_flops(config, 9, 16, 4, V)['scorer'] == 0
+  assert costs.request_flops(config, 9, 16, 4, V)['scorer'] == 0
 
 
 def test_scorer_flops_by_hand(config):
@@ -105,14 +104,14 @@ def test_scorer_flops_by_hand(config):
   cond = 2 * 17 * d + 2 * d * d * 2 + 2 * (2 * d * 2 * d)
   cross = 2 * n * d * d * 2 + 2 * 2 * t * d * d + 2 * 2 * n * t * d
   block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * 2 * d
-  assert efficiency.scorer_flops(config, t) == proj + cond + cross + block + 2 * n * d
+  assert costs.scorer_flops(config, n, t) == proj + cond + cross + block + 2 * n * d
 
 
 @pytest.mark.parametrize('call, match', [
-    (lambda c: efficiency.kv_cache_bytes(c, -1, 16, 4), 'kept_tokens=-1'),
-    (lambda c: efficiency.kv_cache_bytes(c, 9, 16, 4, dtype_bytes=0), 'dtype_bytes=0'),
-    (lambda c: efficiency.generate_flops(c, 9, 16, 0, V), 'new_tokens=0'),
-    (lambda c: efficiency.vision_flops(c, 3), 'layers=3'),
+    (lambda c: costs.kv_cache_bytes(c, -1, 16, 4), 'kept_tokens=-1'),
+    (lambda c: costs.kv_cache_bytes(c, 9, 16, 4, dtype_bytes=0), 'dtype_bytes=0'),
+    (lambda c: costs.generate_flops(c, 9, 16, 0, V), 'new_tokens=0'),
+    (lambda c: costs.vision_flops(c, 3), 'layers=3'),
 ])
 def test_bad_arguments(config, call, match):
   with pytest.raises(ValueError, match=match):

@@ -23,8 +23,8 @@ and coverage. The FiLM on the read-out lets the ranking itself depend on rho (a 
 all logits would not change a Plackett-Luce distribution; a per-feature scale does).
 
 The inputs come from the frozen VLM and are wrapped in `stop_gradient`: the agent never trains the
-VLM. Cost is reported by `scorer_flops` (analytic) and `scorer_param_count` (abstract init): for the
-LLaVA-1.5-7B geometry it is a few thousandths of a percent of the LM prefill.
+VLM. Cost is reported by `gripjax.models.costs.scorer_flops` (analytic) and `scorer_param_count`
+(abstract init): for the LLaVA-1.5-7B geometry it is a few thousandths of a percent of the LM prefill.
 
 | Piece | Here | Why |
 | --- | --- | --- |
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -174,10 +173,6 @@ def init_scorer(scorer: BudgetAwareScorer, rng, n_tokens: int, d_model: int, tex
   return scorer.init(rng, visual, question, mask, jnp.full((1,), 0.5))['params']
 
 
-def _dims(config, n_tokens):
-  return config.model.llm.width, config.agent.width, config.agent.depth, n_tokens
-
-
 def scorer_param_count(config, n_tokens: int | None = None, text_len: int = 4) -> int:
   """Number of scorer parameters for `config` (abstract init: nothing is allocated)."""
   n = _num_tokens(config) if n_tokens is None else n_tokens
@@ -190,40 +185,3 @@ def scorer_param_count(config, n_tokens: int | None = None, text_len: int = 4) -
 def _num_tokens(config):
   vit = config.model.vit
   return (vit.image_size // vit.patch_size) ** 2
-
-
-def scorer_flops(config, n_tokens: int | None = None, text_len: int = 16,
-                 mlp_ratio: int = 2, num_rho_features: int = 16) -> int:
-  """Analytic FLOPs of one scorer pass for one example (2 per multiply-add, matmuls only).
-
-  With D the LM width, d = agent.width, N tokens, T question slots, m = mlp_ratio:
-
-    input projections   2 N D d + 2 T D d
-    condition           2 (F + 1) d + 2 d d + 2 d d + 2 * (2 d * 2d)     (rho MLP, pool, 2 FiLMs)
-    cross-attention     2 N d d (q) + 2 * 2 T d d (k, v) + 2 * 2 N T d + 2 N d d (out)
-    per block           2 N d 3d + 2 * 2 N N d + 2 N d d + 2 * 2 N d (m d)
-    head                2 N d
-
-  Same convention as `gripjax.eval.efficiency` (norms and softmax are lower order).
-  """
-  n = _num_tokens(config) if n_tokens is None else int(n_tokens)
-  big_d, d, depth, _ = _dims(config, n)
-  t = int(text_len)
-  f = num_rho_features + 1
-  proj = 2 * n * big_d * d + 2 * t * big_d * d
-  cond = 2 * f * d + 2 * d * d + 2 * d * d + 2 * (2 * d * 2 * d)
-  cross = 2 * n * d * d + 2 * 2 * t * d * d + 2 * 2 * n * t * d + 2 * n * d * d
-  block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp_ratio * d
-  head = 2 * n * d
-  return proj + cond + cross + depth * block + head
-
-
-def cost_report(config, text_len: int = 16) -> dict[str, Any]:
-  """Scorer FLOPs and params against the VLM's full-token prefill + vision FLOPs for `config`."""
-  from gripjax.eval import efficiency  # pylint: disable=g-import-not-at-top
-  n = _num_tokens(config)
-  vocab = config.model.llm.vocab_size or 1
-  vlm = efficiency.prefill_flops(config, n, text_len, vocab) + efficiency.vision_flops(config)
-  flops = scorer_flops(config, n, text_len)
-  return {'scorer_flops': flops, 'scorer_params': scorer_param_count(config, n, text_len),
-          'vlm_flops': vlm, 'flops_ratio': flops / vlm}

@@ -1,4 +1,5 @@
-"""Analytic FLOPs and KV-cache bytes of the VLM: vision tower, scorer, LM prefill, decoded tokens.
+"""Analytic costs of the VLM and the agent: FLOPs of the vision tower, the scorer, the LM prefill and
+decoded tokens, and KV-cache bytes. The pruners' own selection costs are in `gripjax.pruning.costs`.
 
 Counts multiply-adds as 2 FLOPs, for matmuls only (norms, softmax and RoPE are lower order).
 Attention is counted over the full (causal, unmasked-square) score matrix, as the explicit attention
@@ -11,6 +12,10 @@ still computed), which is what `decode_token_flops` counts. Everything here is p
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from gripjax.models import scorer as scorer_lib
 
 # Bytes per value of the activation dtypes of `config.model.dtype` (the KV cache is stored in it).
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
@@ -57,7 +62,7 @@ def vision_flops(config, layers: int | None = None) -> int:
       ones feed nothing it returns, so XLA drops them.
   """
   vit = config.model.vit
-  n = (vit.image_size // vit.patch_size) ** 2
+  n = num_patches(config)
   length = n + 1
   d, f = vit.width, vit.mlp_dim
   layers = vit.depth if layers is None else int(layers)
@@ -76,10 +81,49 @@ def vision_feature_layers(config) -> int:
   return f if f >= 0 else vit.depth + 1 + f
 
 
-def scorer_flops(config, text_len: int = 16, n_tokens: int | None = None) -> int:
-  """FLOPs of one GRIP agent pass for one request (`gripjax.models.scorer.scorer_flops`)."""
-  from gripjax.models import scorer  # pylint: disable=g-import-not-at-top
-  return scorer.scorer_flops(config, n_tokens, text_len)
+def num_patches(config) -> int:
+  """N, the patches (visual tokens) of one image: (image_size // patch_size) ** 2."""
+  vit = config.model.vit
+  return (vit.image_size // vit.patch_size) ** 2
+
+
+def scorer_flops(config, n_tokens: int, text_len: int) -> int:
+  """FLOPs of one GRIP agent (scorer) pass for one example: N visual tokens, T question slots.
+
+  With D the LM width, d = agent.width, F the scorer's rho features, m its MLP ratio (the
+  `BudgetAwareScorer` that `make_scorer(config)` builds), counting 2 per multiply-add:
+
+    input projections   2 N D d + 2 T D d
+    condition           2 (F + 1) d + 2 d d + 2 d d + 2 * (2 d * 2d)     (rho MLP, pool, 2 FiLMs)
+    cross-attention     2 N d d (q) + 2 * 2 T d d (k, v) + 2 * 2 N T d + 2 N d d (out)
+    per block           2 N d 3d + 2 * 2 N N d + 2 N d d + 2 * 2 N d (m d)
+    head                2 N d
+
+  All T slots are counted (padding included): the scorer runs on them, masked.
+  """
+  for name, value in (('n_tokens', n_tokens), ('text_len', text_len)):
+    if isinstance(value, bool) or int(value) != value or value < 0:
+      raise ValueError(f'{name}={value!r}: expected a non-negative int.')
+  scorer = scorer_lib.make_scorer(config)
+  n, t = int(n_tokens), int(text_len)
+  big_d, d, m = config.model.llm.width, scorer.width, scorer.mlp_ratio
+  f = scorer.num_rho_features + 1
+  proj = 2 * n * big_d * d + 2 * t * big_d * d
+  cond = 2 * f * d + 2 * d * d + 2 * d * d + 2 * (2 * d * 2 * d)
+  cross = 2 * n * d * d + 2 * 2 * t * d * d + 2 * 2 * n * t * d + 2 * n * d * d
+  block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * m * d
+  head = 2 * n * d
+  return proj + cond + cross + scorer.depth * block + head
+
+
+def cost_report(config, text_len: int) -> dict[str, Any]:
+  """Scorer FLOPs and params against the VLM's full-token prefill + vision FLOPs for `config`."""
+  n = num_patches(config)
+  vocab = config.model.llm.vocab_size or 1
+  vlm = prefill_flops(config, n, text_len, vocab) + vision_flops(config)
+  flops = scorer_flops(config, n, text_len)
+  return {'scorer_flops': flops, 'scorer_params': scorer_lib.scorer_param_count(config, n, text_len),
+          'vlm_flops': vlm, 'flops_ratio': flops / vlm}
 
 
 def cache_len(kept_tokens: int, text_len: int, new_tokens: int) -> int:
@@ -140,7 +184,7 @@ def request_flops(config, kept_tokens: int, text_len: int, new_tokens: int,
     decode (all m - 1 steps) and total.
   """
   vision = vision_flops(config, vision_feature_layers(config))
-  agent = scorer_flops(config, text_len) if scorer else 0
+  agent = scorer_flops(config, num_patches(config), text_len) if scorer else 0
   prefill = prefill_flops(config, kept_tokens, text_len, vocab_size)
   decode = generate_flops(config, kept_tokens, text_len, new_tokens, vocab_size) - prefill
   return {'vision': vision, 'scorer': agent, 'prefill': prefill, 'decode': decode,
