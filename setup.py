@@ -32,6 +32,10 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "safetensors>=0.4", "tokenizers>=0.19"],
+        # Importing HF LLaVA checkpoints (gripjax/models/hf_llava.py): numpy readers, no torch.
+        "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
+        # Only tools/make_hf_fixtures.py, which writes the committed parity fixtures.
+        "parity": ["torch==2.13.0", "transformers", "safetensors", "tokenizers", "scikit-image"],
     },
 )

@@ -9,7 +9,12 @@ Module names follow HF `LlamaForCausalLM` so weights import one-to-one:
   model.layers.{i}.post_attention_layernorm       layers_{i}/post_attention_layernorm/scale
   model.layers.{i}.mlp.{gate,up,down}_proj        layers_{i}/mlp/{gate,up,down}_proj/kernel (= W.T)
   model.norm.weight                               norm/scale
-  lm_head.weight                                  lm_head/kernel (= W.T)
+  lm_head.weight                                  lm_head/kernel (= W.T); absent when tied
+
+Config fields an HF LlamaConfig sets (gripjax/models/hf_llava.py maps them): grouped-query attention
+(`num_kv_heads`), `head_dim` (may differ from width / num_heads; 0 takes that quotient), `rope_theta`,
+`rms_norm_eps`, `hidden_act`, `attention_bias` / `mlp_bias`, and `tie_word_embeddings` (logits from
+the embedding table, no lm_head).
 
 RoPE uses HF's rotate_half convention (HF checkpoints are already permuted for it). Attention is
 explicit (einsum, additive mask, float32 softmax) so in-LM pruners such as FastV can read the
@@ -26,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gripjax.models.vit import activation, fields_from
+
 
 @dataclasses.dataclass(frozen=True)
 class LlmConfig:
@@ -40,14 +47,27 @@ class LlmConfig:
   rms_norm_eps: float = 1e-5
   max_len: int = 2048
   bos_id: int = 1
+  head_dim: int = 0  # 0: width // num_heads (resolved in __post_init__).
+  hidden_act: str = 'silu'
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
 
   def __post_init__(self):
     if not isinstance(self.vocab_size, int) or self.vocab_size <= 0:
       raise ValueError(f'llm.vocab_size={self.vocab_size!r}: expected a positive int; set it from the '
                        'tokenizer before building the model (make_vlm(config.model, vocab_size=...)).')
-    if self.width % self.num_heads or (self.width // self.num_heads) % 2:
-      raise ValueError(f'llm.num_heads={self.num_heads} must divide llm.width={self.width} into an even '
-                       'head size (RoPE rotates pairs).')
+    if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
+      raise ValueError(f'llm.head_dim={self.head_dim!r}: expected a non-negative int (0: width // num_heads).')
+    if self.head_dim == 0:
+      if self.width % self.num_heads:
+        raise ValueError(f'llm.num_heads={self.num_heads} must divide llm.width={self.width} '
+                         '(or set llm.head_dim).')
+      object.__setattr__(self, 'head_dim', self.width // self.num_heads)
+    if self.head_dim % 2:
+      raise ValueError(f'llm.head_dim={self.head_dim} (width {self.width} / num_heads {self.num_heads} '
+                       'unless set) must be even: RoPE rotates pairs.')
+    activation(self.hidden_act, 'llm.hidden_act')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'llm.num_kv_heads={self.num_kv_heads} must divide llm.num_heads={self.num_heads}.')
     if not 0 <= self.bos_id < self.vocab_size:
@@ -57,14 +77,10 @@ class LlmConfig:
   def from_config(cls, c, vocab_size: Optional[int] = None) -> 'LlmConfig':
     if isinstance(c, cls):
       return c if vocab_size is None else dataclasses.replace(c, vocab_size=vocab_size)
-    kw = {f.name: c[f.name] for f in dataclasses.fields(cls)}
+    kw = fields_from(cls, c)
     if vocab_size is not None:
       kw['vocab_size'] = vocab_size
     return cls(**kw)
-
-  @property
-  def head_dim(self) -> int:
-    return self.width // self.num_heads
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -135,7 +151,7 @@ class LlamaAttention(nn.Module):
     c = self.config
     b, l, _ = x.shape
     dh = c.head_dim
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
+    dense = lambda n, name: nn.Dense(n, use_bias=c.attention_bias, dtype=self.dtype, name=name)
     q = dense(c.num_heads * dh, 'q_proj')(x).reshape(b, l, c.num_heads, dh)  # (B, L, H, Dh)
     k = dense(c.num_kv_heads * dh, 'k_proj')(x).reshape(b, l, c.num_kv_heads, dh)  # (B, L, KVH, Dh)
     v = dense(c.num_kv_heads * dh, 'v_proj')(x).reshape(b, l, c.num_kv_heads, dh)  # (B, L, KVH, Dh)
@@ -155,10 +171,11 @@ class LlamaMlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
-    gate = dense(self.config.mlp_dim, 'gate_proj')(x)
-    up = dense(self.config.mlp_dim, 'up_proj')(x)
-    return dense(self.config.width, 'down_proj')(nn.silu(gate) * up)
+    c = self.config
+    dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, dtype=self.dtype, name=name)
+    gate = dense(c.mlp_dim, 'gate_proj')(x)
+    up = dense(c.mlp_dim, 'up_proj')(x)
+    return dense(c.width, 'down_proj')(activation(c.hidden_act, 'llm.hidden_act')(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -201,7 +218,8 @@ class Llama(nn.Module):
                                  name='embed_tokens')
     self.layers = [LlamaDecoderLayer(c, self.dtype, name=f'layers_{i}') for i in range(c.depth)]
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype, name='norm')
-    self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name='lm_head')
+    if not c.tie_word_embeddings:
+      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name='lm_head')
 
   def embed(self, ids: jax.Array) -> jax.Array:
     """(B, T) int ids -> (B, T, D) embeddings in the activation dtype."""
@@ -250,5 +268,9 @@ class Llama(nn.Module):
     return h, tuple(new)
 
   def logits(self, h: jax.Array) -> jax.Array:
-    """(B, L, D) -> (B, L, vocab) float32 logits (final norm + untied lm_head)."""
-    return self.lm_head(self.norm(h)).astype(jnp.float32)
+    """(B, L, D) -> (B, L, vocab) float32 logits: final norm, then lm_head, or with tied embeddings
+    h @ E^T for the (vocab, D) embedding table E."""
+    h = self.norm(h)
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.attend(h).astype(jnp.float32)
+    return self.lm_head(h).astype(jnp.float32)

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gripjax.models.llm import Llama, LlmConfig
-from gripjax.models.vit import ClipVisionTower, VitConfig
+from gripjax.models.vit import ClipVisionTower, VitConfig, activation, fields_from
 
 POSITION_MODES = ('keep', 'renumber')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,23 +47,28 @@ class ModelConfig:
   projector_hidden: int
   position_mode: str = 'keep'
   dtype: str = 'float32'
+  projector_bias: bool = True  # HF multimodal_projector_bias.
+  projector_act: str = 'gelu'  # HF projector_hidden_act (LLaVA: exact GELU).
 
   def __post_init__(self):
     check_position_mode(self.position_mode)
     if self.dtype not in DTYPES:
       raise ValueError(f'model.dtype={self.dtype!r}: expected one of {tuple(DTYPES)}.')
+    activation(self.projector_act, 'model.projector_act')
 
   @classmethod
   def from_config(cls, c, vocab_size: Optional[int] = None) -> 'ModelConfig':
     """Builds from a ConfigDict / FrozenConfigDict / ModelConfig; `vocab_size` overrides llm's."""
     if isinstance(c, cls):
       return c if vocab_size is None else dataclasses.replace(c, llm=LlmConfig.from_config(c.llm, vocab_size))
-    return cls(vit=VitConfig.from_config(c['vit']), llm=LlmConfig.from_config(c['llm'], vocab_size),
-               projector_hidden=c['projector_hidden'], position_mode=c['position_mode'], dtype=c['dtype'])
+    kw = fields_from(cls, c)
+    kw.update(vit=VitConfig.from_config(c['vit']), llm=LlmConfig.from_config(c['llm'], vocab_size))
+    return cls(**kw)
 
   @property
   def num_visual_tokens(self) -> int:
-    return self.vit.num_patches
+    """N: the image's tokens (the patches, plus CLS under vit.feature_select_strategy='full')."""
+    return self.vit.num_tokens
 
   @property
   def activation_dtype(self):
@@ -101,15 +106,19 @@ def _check_shape(name, x, shape):
 
 
 class Projector(nn.Module):
-  """LLaVA-1.5 mlp2x_gelu: Linear(Dv -> hidden) -> exact GELU -> Linear(hidden -> D)."""
+  """LLaVA-1.5 mlp2x_gelu: Linear(Dv -> hidden) -> act -> Linear(hidden -> D); act = exact GELU and
+  biases on by default (HF projector_hidden_act, multimodal_projector_bias)."""
   hidden: int
   out: int
   dtype: Any = jnp.float32
+  use_bias: bool = True
+  act: str = 'gelu'
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.hidden, dtype=self.dtype, name='linear_1')(x)
-    return nn.Dense(self.out, dtype=self.dtype, name='linear_2')(nn.gelu(x, approximate=False))
+    x = nn.Dense(self.hidden, use_bias=self.use_bias, dtype=self.dtype, name='linear_1')(x)
+    x = activation(self.act, 'model.projector_act')(x)
+    return nn.Dense(self.out, use_bias=self.use_bias, dtype=self.dtype, name='linear_2')(x)
 
 
 class VLM(nn.Module):
@@ -121,7 +130,7 @@ class VLM(nn.Module):
     self.cfg = c
     dtype = c.activation_dtype
     self.vision = ClipVisionTower(c.vit, dtype)
-    self.projector = Projector(c.projector_hidden, c.llm.width, dtype)
+    self.projector = Projector(c.projector_hidden, c.llm.width, dtype, c.projector_bias, c.projector_act)
     self.llm = Llama(c.llm, dtype)
 
   def __call__(self, pixels, text_ids):
