@@ -59,8 +59,7 @@ def test_config_mapping():
 def test_logits_match_transformers(sub):
   cfg, model, params = imported(sub)
   out = outputs()
-  n = cfg.num_visual_tokens if hasattr(cfg, 'num_visual_tokens') else 16
-  fwd = jax.jit(lambda p, *a: model.apply(p, *a[:5], a[5], method='forward'), static_argnums=6)
+  n = hf_llava.num_image_tokens(cfg)
   with jax.default_matmul_precision('highest'):
     for e in range(EXAMPLES):
       ids = out[f'ex{e}_input_ids']
@@ -76,13 +75,12 @@ def test_logits_match_transformers(sub):
       dropped = model.apply(params, visual[:, keep], k, jnp.ones_like(k, bool), text, tv, 'renumber',
                             method='forward')
       np.testing.assert_allclose(dropped[0], out[f'ex{e}_logits_dropped'], atol=TOL, rtol=0)
-  del fwd
 
 
 def test_greedy_tokens_match_transformers():
   cfg, model, params = imported('')
   out = outputs()
-  n = 16
+  n = hf_llava.num_image_tokens(cfg)
   with jax.default_matmul_precision('highest'):
     for e in range(EXAMPLES):
       ids = out[f'ex{e}_input_ids']
