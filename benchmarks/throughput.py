@@ -37,6 +37,7 @@ import numpy as np
 
 from gripjax import budget
 from gripjax import checks
+from gripjax import config_lib
 from gripjax import runtime
 from gripjax.models import costs
 from gripjax.inference import DEFAULT_BATCH_SIZES

@@ -71,6 +71,7 @@ def get_config(arg=None):
   c.data.num_validation = 1000  # Validation examples.
   c.data.num_test = 2000  # Test examples.
   c.data.max_question_len = 16  # Question tokens (padded/truncated, a warning is logged on truncation).
+  c.data.on_bad_question = 'warn'  # Unknown words (<unk>) or > max_question_len tokens: 'warn' (log the words) or 'error'.
 
   # --- Shipped VLM. --------------------------------------------------------------------------------
   # Orbax checkpoint of the VLM params; relative paths start at the repository root; None: random.
@@ -105,7 +106,8 @@ def get_config(arg=None):
   # --- Evaluation (--mode=eval). -------------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 128  # Examples per evaluation batch.
-  c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # None: the whole test split.
+  c.eval.split = 'test'  # Split to evaluate: 'test' (reported once) or 'validation' (for choices).
+  c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # None: the whole split.
   c.eval.budgets = (0.5, 0.25, 1 / 9, 1 / 18)  # Keep ratios rho in (0, 1] of every pruner.
   c.eval.methods = (  # Methods to compare: references, then the pruners of gripjax.pruning.
       'full', 'blind', 'shuffled', 'random', 'uniform', 'fastervlm', 'visionzip', 'divprune',
@@ -129,7 +131,8 @@ def get_config(arg=None):
   c.ablation.references = (  # Reference and baseline methods, evaluated once on the same examples.
       'full', 'random', 'uniform', 'fastervlm', 'visionzip', 'divprune', 'vispruner', 'cdpruner',
       'dart', 'fastv', 'pyramiddrop', 'sparsevlm')
-  c.ablation.eval_examples = 500  # First test examples each agent is evaluated on.
+  c.ablation.eval_examples = 500  # First examples of ablation.split each agent is evaluated on.
+  c.ablation.split = 'validation'  # Split the ablations evaluate on ('validation': choices are made there).
 
   # --- The GRIP agent (budget-aware token scorer, gripjax/models/scorer.py). ----------------------
   c.agent = ml_collections.ConfigDict()
@@ -152,14 +155,18 @@ def get_config(arg=None):
   c.train.reward = 'logprob'  # GRPO reward: 'logprob', 'exact_match' or 'agreement' (label-free).
   c.train.clip_eps = 0.2  # GRPO ratio clip epsilon.
   c.train.kl_coef = 0.02  # Weight of the KL penalty to the warm-up policy.
+  c.train.kl_estimator = 'step'  # KL to the warm-up policy: 'step' (exact, mean per selection step) or 'k3' (per keep-set).
+  c.train.ppo_epochs = 1  # GRPO updates per rollout batch (the clip acts from the second on).
   c.train.teacher = 'attention'  # Warm-up teacher: 'attention' (answer-slot attention) or 'loo'.
   c.train.warmup_top = 16  # ListMLE fits the teacher's top-m order, m = min(this, N).
   c.train.warmup_kl_coef = 0.0  # Weight of KL(teacher softmax || scorer softmax) added to ListMLE.
   c.train.loo_chunk = 16  # 'loo' teacher: leave-one-out forwards run this many tokens at a time.
   c.train.algorithm = 'grpo'  # After the warm-up: 'grpo' (the agent) or 'relaxation' (straight-through top-k baseline).
   c.train.relax_tau = 0.5  # 'relaxation': temperature of the relaxed top-k behind the straight-through mask.
-  c.train.relax_samples = 1  # 'relaxation': Gumbel keep-sets per example per step (gradients averaged).
+  c.train.relax_samples = ml_collections.FieldReference(None, field_type=int)  # 'relaxation': keep-sets per example per step; None: train.group_size (GRPO's VLM forwards per example).
   c.train.log_every = 10  # Steps between metrics lines (WORKDIR/metrics.jsonl).
+  c.train.val_examples = 128  # First validation examples of the validation curve (0: none), logged every log_every steps.
+  c.train.val_budgets = (1 / 9, 1 / 18)  # Keep ratios of the validation curve (greedy keep-sets).
   c.train.checkpoint_every = 50  # Steps between Orbax checkpoints (WORKDIR/checkpoints).
   c.train.checkpoint_keep = 2  # Checkpoints kept (the newest); an older one is the fallback.
   c.train.mesh = (('data', -1),)  # Device mesh: (axis, size) pairs; -1 takes the remaining devices.

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from gripjax import budget
-from gripjax.inference import PrunedGenerator
 from gripjax.models import scorer as scorer_lib
 from gripjax.pruning import base
 from gripjax.pruning import grip

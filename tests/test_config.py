@@ -38,7 +38,7 @@ def test_nested_tuple_and_nullable_overrides():
     ('--config.model.position_mode=kept', "config.model.position_mode='kept' is invalid"),
     ('--config.eval.budgets=(0.5,1.5)', 'config.eval.budgets[1]=1.5 is invalid'),
     ('--config.model.llm.num_kv_heads=3', 'config.model.llm.num_kv_heads=3 is invalid'),
-    ('--config.model.vit.patch_size=7', 'config.model.vit.image_size=96 is invalid'),
+    ('--config.model.vit.patch_size=7', 'config.model.vit.image_size=96 is not a multiple'),
     ('--config.pretrain.batch_size=0', 'config.pretrain.batch_size=0 is invalid'),
     ('--config.pretrain.background_dropout=1.5', 'config.pretrain.background_dropout=1.5 is invalid'),
     ("--config.ablation.references=('full','grip')", 'config.ablation.references='),

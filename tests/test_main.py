@@ -100,8 +100,8 @@ def test_demo_trains_agent_then_compares_it_with_baselines(tmp_path, pretrained,
         '--config.eval.budgets=(0.25,)', "--config.eval.position_modes=('keep',)",
         f'--config.vlm_checkpoint={work / "vlm"}', data_dir=data_dir)
   log = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [row['step'] for row in log] == [1, 2, 3, 4]
-  assert [row['phase'] for row in log] == [0, 0, 1, 1]  # warm-up, then GRPO, in one compiled step
+  assert [row['step'] for row in log] == [0, 1, 2, 3, 4]  # 0: validation before training
+  assert [row['phase'] for row in log] == [0, 0, 0, 1, 1]  # warm-up, then GRPO, in one compiled step
   for key in ('loss', 'reward/mean', 'reward/std', 'frac_reward_zero_std', 'approx_kl', 'clip_ratio',
               'entropy', 'tokens_kept'):
     assert key in log[-1]

@@ -63,8 +63,9 @@ def _env(devices):
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
-  assert [row['step'] for row in rows] == list(range(1, STEPS + 1)), rows
-  assert [row['phase'] for row in rows] == [0, 1, 1]  # warm-up, then GRPO
+  # Step 0: the validation curve's row before the first update.
+  assert [row['step'] for row in rows] == list(range(STEPS + 1)), rows
+  assert [row['phase'] for row in rows] == [0, 0, 1, 1]  # warm-up (with step 0), then GRPO
   return rows
 
 

@@ -101,7 +101,6 @@ def test_grpo_on_toy_reward_moves_the_right_way(setup):
   import optax  # pylint: disable=g-import-not-at-top
   from gripjax.rl import grpo  # pylint: disable=g-import-not-at-top
   from gripjax.rl import policy  # pylint: disable=g-import-not-at-top
-  from gripjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   scorer, params, visual, question, mask, _ = setup
   k, group = 4, 8
   region = jnp.asarray(np.random.default_rng(1).permuted(np.tile(np.arange(N) < k, (B, 1)), axis=1))  # (B, N)
@@ -109,12 +108,11 @@ def test_grpo_on_toy_reward_moves_the_right_way(setup):
   order_valid = jnp.ones((B, 1, k), bool)
   tx = optax.adam(1e-2)  # 3e-2 collapses the entropy early (a known GRPO failure), stuck at 0.75
 
-  def objective(p, orders):
+  def objective(p, orders, old_logp, adv):
     logits = scorer.apply({'params': p}, visual, question, mask, rho)  # (B, N)
-    kept = policy.keep_mask(orders, N)  # (B, G, N)
-    reward = jnp.sum(kept & region[:, None], -1) / k  # (B, G)
     ref_logits = scorer.apply({'params': params}, visual, question, mask, rho)
-    return grpo.grpo_objective(logits, ref_logits, orders, order_valid, reward, 0.2, 0.0)
+    return grpo.grpo_objective(logits, ref_logits, old_logp, orders, order_valid, adv,
+                               jnp.ones_like(adv, bool), 0.2, 0.0)
 
   def clipped_loss(p, old_logp, orders, adv):
     """grpo_loss against the fixed pre-update policy (the step's own old_logp is logp itself)."""
@@ -128,14 +126,15 @@ def test_grpo_on_toy_reward_moves_the_right_way(setup):
       p, opt = carry
       logits = scorer.apply({'params': p}, visual, question, mask, rho)
       orders = policy.sample_orders(key, logits, k, group)  # (B, G, k)
-      (_, m), g = jax.value_and_grad(objective, has_aux=True)(p, orders)
+      reward = jnp.sum(policy.keep_mask(orders, N) & region[:, None], -1) / k  # (B, G)
+      adv, _ = grpo.group_advantages(reward)
+      old_logp = policy.log_prob(logits[:, None, :], orders)  # (B, G), the sampling policy's
+      g = jax.grad(lambda q: objective(q, orders, old_logp, adv)[0])(p)
       updates, opt = tx.update(g, opt, p)
       new = optax.apply_updates(p, updates)
-      adv, _ = grpo.group_advantages(jnp.sum(policy.keep_mask(orders, N) & region[:, None], -1) / k)
-      old_logp = policy.log_prob(logits[:, None, :], orders)
       before = clipped_loss(p, old_logp, orders, adv)
       after = clipped_loss(new, old_logp, orders, adv)
-      return (new, opt), (m['reward/mean'], before, after)
+      return (new, opt), (jnp.mean(reward), before, after)
     (p, _), out = jax.lax.scan(body, (p, tx.init(p)), jax.random.split(rng, 40))
     return p, out
 

@@ -24,10 +24,13 @@ from gripjax import config_lib
 from gripjax import pruning
 from gripjax import runtime
 from gripjax.data import pipeline
-from gripjax.eval import efficiency
+from gripjax.models import costs
 from gripjax.eval import report as report_lib
 from gripjax.pruning import base
 from gripjax.pruning import inlm
+from gripjax.pruning import grip
+
+POSITION_MODES = ('keep', 'renumber')
 
 # Rows that do not prune: they bracket the pruners from above (full) and below (blind, shuffled).
 REFERENCE_METHODS = ('full', 'blind', 'shuffled')
@@ -40,12 +43,39 @@ def known_methods() -> tuple[str, ...]:
 
 
 def check_methods(methods: Iterable[str], field: str = 'config.eval.methods') -> tuple[str, ...]:
-  """`methods` as a tuple; ValueError naming `field` and the known methods for an unknown one."""
+  """`methods` as a tuple; ConfigError naming `field` and the known methods for an unknown one."""
   known = known_methods()
+  if not isinstance(methods, tuple) or not methods:
+    raise config_lib.ConfigError(f'{field}={methods!r} is invalid: expected a non-empty tuple of method '
+                                 f'names from {known}.')
   for m in methods:
     if m not in known:
-      raise ValueError(f'{field} contains unknown method {m!r}: known methods are {known}')
+      raise config_lib.ConfigError(f'{field} contains unknown method {m!r}: known methods are {known}')
   return tuple(methods)
+
+
+# Splits the harness evaluates: choices (schedules, checkpoints, budgets) are made on validation,
+# and the test split is evaluated once.
+SPLITS = ('validation', 'test')
+
+
+def check(c) -> None:
+  """Start-up check of `config.eval`; raises config_lib.ConfigError."""
+  if 'eval' not in c:
+    return
+  cl = config_lib
+  cl.integer(c, 'eval.batch_size')
+  cl.integer(c, 'eval.picture_examples', minimum=0)
+  if c.eval.num_examples is not None:
+    cl.integer(c, 'eval.num_examples')
+  if 'split' in c.eval:
+    cl.choice(c, 'eval.split', SPLITS)
+  for i, rho in enumerate(cl.nonempty_tuple(c, 'eval.budgets', 'keep ratios in (0, 1]')):
+    cl.keep_ratio(rho, f'eval.budgets[{i}]')
+  for i, mode in enumerate(cl.nonempty_tuple(c, 'eval.position_modes', f'modes from {POSITION_MODES}')):
+    if mode not in POSITION_MODES:
+      cl.fail(f'eval.position_modes[{i}]', mode, f'one of {POSITION_MODES}')
+  check_methods(c.eval.methods)
 
 
 def make_encode(vlm):
@@ -63,12 +93,13 @@ def make_encode(vlm):
   return jax.jit(encode)
 
 
-def make_eval_step(vlm, method: str, k: int, agent=None):
+def make_eval_step(vlm, method: str, k: int, agent=None, rho: float | None = None):
   """A jitted (params, encoded, batch, rng, position_mode) -> (correct (B,), region_recall (B,),
   index (B, k)).
 
   `position_mode` is a bool scalar array that picks the mode at run time (True: 'renumber'),
-  so both modes share one compiled function. `agent` is (scorer, scorer_params) for method 'grip'.
+  so both modes share one compiled function. `agent` is (scorer, scorer_params) for method 'grip',
+  which is fed the budget `rho` that was asked for (k = budget_to_k(rho, N)).
   """
   n = runtime.num_visual_tokens_of(vlm)
   grid = (int(math.isqrt(n)),) * 2
@@ -95,15 +126,14 @@ def make_eval_step(vlm, method: str, k: int, agent=None):
                               question=enc['question'], question_mask=batch['question_valid'],
                               rng=rng, grid=grid)
       if method == 'grip':
-        from gripjax.pruning import grip  # pylint: disable=g-import-not-at-top
-        prune = grip.make_grip_prune(*agent)
+        prune = grip.make_grip_prune(*agent, rho)
       else:
         prune = pruning.get(method)
       kept = prune(ctx, k)
       tokens, index = kept.tokens, kept.index
       valid = jnp.ones(index.shape, bool)
     logits = vlm.apply({'params': params}, tokens, index, valid, *text, position_mode,
-                       method='forward')[:, -1]
+                       method='answer_logits')  # (B, vocab)
     return _score(logits, index, valid, batch)
 
   return jax.jit(step)
@@ -163,8 +193,9 @@ def load_agent(config, vlm):
 
 
 def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_modes,
-             num_examples=None, progress=True, agent=None) -> list[dict[str, Any]]:
-  """Runs every (method, budget, position mode) on the same examples; returns result rows."""
+             num_examples=None, progress=True, agent=None, split: str = 'test') -> list[dict[str, Any]]:
+  """Runs every (method, budget, position mode) on the same examples of `source` (the examples of
+  `split`, recorded in each row); returns result rows."""
   from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n = runtime.num_visual_tokens_of(vlm)
@@ -173,9 +204,10 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
           (0 if job[0] == 'blind' else base.budget_to_k(job[1], n)) for job in jobs}
   if 'grip' in methods and agent is None:
     agent = load_agent(config, vlm)
-  # One compiled function per (method, kept count): the position mode is a run-time flag.
-  step_of = {job: (job[0], max(kept[job], 1)) for job in jobs}
-  steps = {key: make_eval_step(vlm, *key, agent) for key in set(step_of.values())}
+  # One compiled function per (method, kept count): the position mode is a run-time flag. The
+  # agent's also depends on its budget input, the rho asked for.
+  step_of = {job: (job[0], max(kept[job], 1), job[1] if job[0] == 'grip' else None) for job in jobs}
+  steps = {key: make_eval_step(vlm, key[0], key[1], agent, key[2]) for key in set(step_of.values())}
   encode = make_encode(vlm)
   results = {job: {'correct': [], 'recall': [], 'seconds': 0.0, 'batch_seconds': []} for job in jobs}
   tasks = []
@@ -217,15 +249,15 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(scenes.TASKS)
                 if np.any(tasks == t)}
     rows.append({
-        'method': method, 'budget': rho, 'position_mode': mode, 'kept_tokens': k,
+        'method': method, 'budget': rho, 'position_mode': mode, 'kept_tokens': k, 'split': split,
         'accuracy': float(correct.mean()), 'n': int(correct.size), 'per_task': per_task,
         'region_recall': float(np.nanmean(recall)) if np.any(np.isfinite(recall)) else None,
         'prefill_flops': (inlm.inlm_prefill_flops(config, method, k, question_len, vlm_vocab)
                           if pruning.is_in_lm(method) else
-                          efficiency.prefill_flops(config, k, question_len, vlm_vocab)),
+                          costs.prefill_flops(config, k, question_len, vlm_vocab)),
         'kv_cache_bytes': (inlm.inlm_kv_cache_bytes(config, method, k, question_len)
                            if pruning.is_in_lm(method) else
-                           efficiency.kv_cache_bytes(config, k, question_len)),
+                           costs.kv_cache_bytes(config, k, question_len)),
         # Time of the pruner plus the LM on this machine, with the compile where this job paid it (the
         # first position mode of a method and budget: the modes share one compiled function).
         'seconds': round(results[job]['seconds'], 3),
@@ -233,9 +265,9 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         'prefill_seconds': _prefill_seconds(results[job]['batch_seconds'], config.eval.batch_size),
     })
     if 'example_kept' in results[job]:
-      # Test examples 0, 1, ... are a pure function of the data config: enough to redraw them.
+      # Examples 0, 1, ... of a split are a pure function of the data config: enough to redraw them.
       rows[-1]['examples'] = {
-          'split': 'test', 'seed': config.data.seed, 'image_size': config.model.vit.image_size,
+          'split': split, 'seed': config.data.seed, 'image_size': config.model.vit.image_size,
           'patch_size': config.model.vit.patch_size,
           'index': list(range(len(results[job]['example_kept']))),
           'kept': results[job]['example_kept']}
@@ -266,15 +298,14 @@ def vlm_summary(config, workdir: str, params_path: str | None = None) -> dict[st
 
 def run(config, workdir: str) -> list[dict[str, Any]]:
   """`--mode=eval` (and the evaluation part of `--mode=demo`)."""
-  methods = check_methods(config.eval.methods)
-  for i, rho in enumerate(config.eval.budgets):
-    config_lib.validate_budget(rho, f'config.eval.budgets[{i}]')
+  methods = tuple(config.eval.methods)  # Checked at start-up (`check`).
+  split = config.eval.get('split', 'test')
   tok = runtime.tokenizer()
   vlm = runtime.make_model(config, tok)
   params = runtime.load_vlm_params(config, vlm)
-  source = runtime.split_source(config, workdir, 'test')
+  source = runtime.split_source(config, workdir, split)
   rows = evaluate(config, vlm, params, source, tok, methods, config.eval.budgets,
-                  config.eval.position_modes, config.eval.num_examples)
+                  config.eval.position_modes, config.eval.num_examples, split=split)
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   results_path = os.path.join(out_dir, 'results.json')

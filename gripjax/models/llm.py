@@ -103,13 +103,41 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+# Cap on a key-weighted attention logit above its row's stabilizer (guards exp against overflow).
+_SCORE_CAP = 20.0
+
+
+def weighted_softmax(scores, mask, key_weight):
+  """p_ij = w_j e^{s_ij} / sum_l w_l e^{s_il} over the keys that `mask` allows.
+
+  The key bias log(w_j) of attention masking (DynamicViT, arXiv 2106.02034), computed
+  multiplicatively so that its gradient at w_j = 0 is finite; with weights in {0, 1} it equals the
+  softmax masked by `mask & (w > 0)`. Some allowed key of every query row must have w > 0.
+
+  Args:
+    scores: (B, H, Lq, Lk) float32 logits; mask: bool broadcastable to them.
+    key_weight: (B, Lk) float >= 0.
+  """
+  w = jnp.asarray(key_weight, jnp.float32)[:, None, None, :]  # (B, 1, 1, Lk)
+  live = mask & (w > 0)  # (B, 1, Lq, Lk)
+  log_w = jnp.log(jnp.where(live, w, 1.0))
+  # Stabilizer: max_j (s_ij + log w_j) over live keys (not differentiated: it cancels).
+  top = jnp.max(jnp.where(live, scores + log_w, -jnp.inf), axis=-1, keepdims=True)  # (B, H, Lq, 1)
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  # w * exp(.) rather than exp(. + log w): the gradient w.r.t. w_j stays finite at w_j = 0.
+  e = jnp.where(mask, w * jnp.exp(jnp.minimum(scores - top, _SCORE_CAP)), 0.0)  # (B, H, Lq, Lk)
+  return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+
+
+def attend(q, k, v, mask, key_weight=None):
   """Grouped-query attention with an explicit float32 softmax.
 
   Args:
     q: (B, Lq, H, Dh); k, v: (B, Lk, KVH, Dh) with H a multiple of KVH (query head h reads kv head
       h // (H / KVH), as HF's repeat_kv).
     mask: bool, broadcastable to (B, 1, Lq, Lk); True where the query may read the key.
+    key_weight: optional (B, Lk) float weights of the keys (`weighted_softmax`): how a soft keep-mask
+      reaches the frozen LM (the relaxation baselines). None: the plain masked softmax.
   Returns:
     out (B, Lq, H, Dh) in q's dtype, probs (B, H, Lq, Lk) float32.
   """
@@ -119,9 +147,12 @@ def attend(q, k, v, mask):
   q = q.reshape(b, lq, kvh, g, dh)  # (B, Lq, KVH, G, Dh)
   scores = jnp.einsum('bqkgd,bskd->bkgqs', q, k, preferred_element_type=jnp.float32) * dh ** -0.5
   scores = scores.reshape(b, h, lq, k.shape[1])  # (B, H, Lq, Lk)
-  # A finite floor (not -inf) keeps fully masked rows (padding queries) free of NaNs.
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)  # (B, H, Lq, Lk)
+  if key_weight is not None:
+    probs = weighted_softmax(scores, mask, key_weight)  # (B, H, Lq, Lk)
+  else:
+    # A finite floor (not -inf) keeps fully masked rows (padding queries) free of NaNs.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # (B, H, Lq, Lk)
   p = probs.reshape(b, kvh, g, lq, k.shape[1]).astype(v.dtype)  # (B, KVH, G, Lq, Lk)
   out = jnp.einsum('bkgqs,bskd->bqkgd', p, v)
   return out.reshape(b, lq, h, dh), probs  # (B, Lq, H, Dh)
@@ -147,7 +178,7 @@ class LlamaAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, cache=None, cache_index=None, key_weight=None):
     c = self.config
     b, l, _ = x.shape
     dh = c.head_dim
@@ -160,7 +191,7 @@ class LlamaAttention(nn.Module):
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, axis=1)
-    out, probs = attend(q, k, v, mask)
+    out, probs = attend(q, k, v, mask, key_weight)
     out = out.reshape(b, l, c.num_heads * dh)  # (B, L, H * Dh)
     return dense(c.width, 'o_proj')(out), probs, (k, v)
 
@@ -184,11 +215,11 @@ class LlamaDecoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, cache=None, cache_index=None, key_weight=None):
     eps = self.config.rms_norm_eps
     h = RMSNorm(eps, self.dtype, name='input_layernorm')(x)
     attn_out, probs, kv = LlamaAttention(self.config, self.dtype, name='self_attn')(
-        h, positions, mask, cache, cache_index)
+        h, positions, mask, cache, cache_index, key_weight)
     x = x + attn_out
     x = x + LlamaMlp(self.config, self.dtype, name='mlp')(
         RMSNorm(eps, self.dtype, name='post_attention_layernorm')(x))
@@ -226,7 +257,7 @@ class Llama(nn.Module):
     return self.embed_tokens(ids).astype(self.dtype)
 
   def run_layers(self, h, positions, key_valid, start: int, stop: int, attn_layer: Optional[int] = None,
-                 collect_kv: bool = False):
+                 collect_kv: bool = False, key_weight=None):
     """Runs decoder layers [start, stop) over a full sequence with a causal, key-valid mask.
 
     Args:
@@ -234,6 +265,7 @@ class Llama(nn.Module):
       start, stop: static layer range, 0 <= start <= stop <= depth.
       attn_layer: static layer index in [start, stop) whose attention probs to return, or None.
       collect_kv: also return each layer's (k, v), each (B, L, KVH, Dh) (for prefill).
+      key_weight: optional (B, L) float weights of the keys in every layer (`weighted_softmax`).
     Returns:
       (h, attn (B, H, L, L) or None), plus a tuple of (k, v) per layer when collect_kv.
     """
@@ -246,7 +278,7 @@ class Llama(nn.Module):
     mask = causal_mask(key_valid)
     attn, kvs = None, []
     for i in range(start, stop):
-      h, probs, kv = self.layers[i](h, positions, mask)
+      h, probs, kv = self.layers[i](h, positions, mask, key_weight=key_weight)
       if i == attn_layer:
         attn = probs
       kvs.append(kv)

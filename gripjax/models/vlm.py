@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gripjax import config_lib
 from gripjax.models.llm import Llama, LlmConfig
 from gripjax.models.vit import ClipVisionTower, VitConfig, activation, fields_from
 
@@ -215,9 +216,13 @@ class VLM(nn.Module):
     key_valid = jnp.concatenate([jnp.ones((b, 1), bool), visual_valid, text_valid], axis=1)  # (B, L)
     return h, positions, key_valid
 
-  def run_layers(self, h, positions, key_valid, start: int, stop: int, attn_layer: Optional[int] = None):
-    """Decoder layers [start, stop) -> (h, attention probs (B, H, L, L) of attn_layer or None)."""
-    return self.llm.run_layers(h, positions, key_valid, start, stop, attn_layer)
+  def run_layers(self, h, positions, key_valid, start: int, stop: int, attn_layer: Optional[int] = None,
+                 key_weight=None):
+    """Decoder layers [start, stop) -> (h, attention probs (B, H, L, L) of attn_layer or None).
+
+    `key_weight` (B, L), optional: soft weights of the keys in every layer (`llm.weighted_softmax`).
+    """
+    return self.llm.run_layers(h, positions, key_valid, start, stop, attn_layer, key_weight=key_weight)
 
   def logits(self, h):
     """(B, L, D) -> (B, L, vocab) float32 (final norm + lm_head)."""
@@ -230,6 +235,35 @@ class VLM(nn.Module):
                                             position_mode, text_embeds)
     h, _ = self.run_layers(h, positions, key_valid, 0, self.cfg.llm.depth)
     return self.logits(h)
+
+  def answer_logits(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
+                    visual_weight=None):
+    """Logits at the answer slot only (the last one): (B, k, D) kept tokens -> (B, vocab) float32.
+
+    `forward(...)[:, -1]` without the LM head over every slot (B x L x vocab for a 7B vocabulary):
+    what every reward, teacher and training loss of the agent reads.
+
+    Args:
+      visual_weight: optional (B, k) float soft weights of the visual slots (the relaxation
+        baselines' masks); <bos> and valid text keys weigh 1, padding 0. Slots with weight 0 are
+        read by no query, so a {0, 1} weight equals dropping those slots (with positions as
+        `visual_valid` gives them).
+      Others as in `assemble`.
+    """
+    h, positions, key_valid = self.assemble(visual, visual_index, visual_valid, text_ids, text_valid,
+                                            position_mode)
+    key_weight = None
+    if visual_weight is not None:
+      b = visual.shape[0]
+      _check_shape('visual_weight', visual_weight, visual_valid.shape)
+      text_w = jnp.asarray(text_valid, jnp.float32)
+      key_weight = jnp.concatenate([jnp.ones((b, 1), jnp.float32),
+                                    jnp.asarray(visual_weight, jnp.float32), text_w], axis=1)  # (B, L)
+      # Every visual key stays allowed: its weight, not the boolean mask, removes it.
+      key_valid = jnp.concatenate([jnp.ones((b, 1 + visual.shape[1]), bool),
+                                   jnp.asarray(text_valid, bool)], axis=1)  # (B, L)
+    h, _ = self.run_layers(h, positions, key_valid, 0, self.cfg.llm.depth, key_weight=key_weight)
+    return self.logits(h[:, -1:])[:, 0].astype(jnp.float32)  # (B, vocab)
 
   # --- Generation with a KV cache. ---------------------------------------------------------------
 
@@ -332,3 +366,38 @@ def count_params(tree) -> int:
   """Number of scalars in a (possibly abstract) param tree."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
 
+
+
+def check(c) -> None:
+  """Start-up check of `config.model` (geometry, HF fields and modes); raises config_lib.ConfigError.
+
+  Integer fields are checked here by name; the geometry rules (head sizes, feature layer, strategy,
+  activations, image statistics) are the model dataclasses' own (`ModelConfig.from_config`), so
+  there is one definition of each, and their ValueError becomes a ConfigError.
+  """
+  cl = config_lib
+  cl.require_section(c, 'model')
+  for f in ('image_size', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_dim'):
+    cl.integer(c, f'model.vit.{f}')
+  cl.integer(c, 'model.projector_hidden')
+  cl.integer(c, 'model.llm.vocab_size', minimum=0)
+  for f in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'max_len'):
+    cl.integer(c, f'model.llm.{f}')
+  llm = c.model.llm
+  if llm.num_heads % llm.num_kv_heads:
+    cl.fail('model.llm.num_kv_heads', llm.num_kv_heads,
+            f'a divisor of model.llm.num_heads={llm.num_heads} (grouped-query attention)')
+  cl.number(c, 'model.llm.rope_theta')
+  cl.choice(c, 'model.position_mode', POSITION_MODES)
+  cl.choice(c, 'model.dtype', tuple(DTYPES))
+  try:
+    # vocab_size 0 means the tokenizer's, known only once it is loaded: any size passes here.
+    model = ModelConfig.from_config(c.model, vocab_size=int(llm.vocab_size) or 1 << 30)
+  except (ValueError, TypeError) as e:  # The dataclasses name fields as vit.*, llm.* or model.*.
+    text = str(e)
+    text = 'config.' + text if text.startswith('model.') else (
+        'config.model.' + text if text.startswith(('vit.', 'llm.')) else f'config.model is invalid: {text}')
+    raise config_lib.ConfigError(text) from None
+  n_visual = model.num_visual_tokens
+  if llm.max_len <= n_visual + 2:
+    cl.fail('model.llm.max_len', llm.max_len, f'more than the {n_visual} visual tokens plus <bos> and a prompt')
