@@ -13,6 +13,7 @@ from __future__ import annotations
 from gripjax import config_lib
 from gripjax import demo
 from gripjax.data import pipeline
+from gripjax.data import tokenizer
 from gripjax.eval import ablations
 from gripjax.eval import evaluate
 from gripjax.models import vlm
@@ -22,7 +23,7 @@ from gripjax.train import sharding
 from gripjax.train import step
 
 # In order: the model first (later checks read its geometry), then data, training, evaluation.
-CHECKS = (vlm.check, pipeline.check, pretrain.check, step.check, relaxation.check,
+CHECKS = (vlm.check, pipeline.check, tokenizer.check, pretrain.check, step.check, relaxation.check,
           evaluate.check, ablations.check, demo.check)
 
 

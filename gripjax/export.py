@@ -14,7 +14,8 @@ count and padded batch size). Any budget in (0, 1] works; a list gives each requ
 
 Layout (everything a fresh process needs; nothing points back at the training workdir):
 
-  BUNDLE/bundle.json   manifest, written last: format and version, file names, geometry, sources
+  BUNDLE/bundle.json   manifest, written last: format and version, file names, geometry, sources,
+                       the vocabulary size and the sha256 of every other file of the bundle
   BUNDLE/config.json   the full config (`ConfigDict.to_json`; `read_config` restores the tuples)
   BUNDLE/vocab.txt     the tokenizer's vocabulary, one token per line (line number = id)
   BUNDLE/vlm/          Orbax checkpoint of the VLM params (the inner 'params' tree)
@@ -22,12 +23,19 @@ Layout (everything a fresh process needs; nothing points back at the training wo
 
 A local bundle is written to a temporary sibling and renamed into place, so a reader never sees half
 of one. A TensorFlow SavedModel export (orbax-export) is not provided.
+
+`load_bundle` verifies before it loads: bundle.json and config.json must parse, vocab.txt must hold
+the recorded number of tokens, and every file must have the sha256 the export recorded, so a bundle
+whose vocab.txt lost lines or had two words swapped, or whose checkpoint files were truncated, is
+refused with a `BundleError` naming the damaged file, instead of loading and answering wrongly.
+(Bundles of format version 1 carry no checksums: they load with a warning.)
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -36,15 +44,98 @@ from absl import logging
 import jax
 import ml_collections
 
+from gripjax import checks
 from gripjax import config_lib
 
 FORMAT = 'gripjax-bundle'
-VERSION = 1
+VERSION = 2  # 2: the manifest records the sha256 of every file ('files').
+READABLE_VERSIONS = (1, 2)
 MANIFEST = 'bundle.json'
 CONFIG_FILE = 'config.json'
 VOCAB_FILE = 'vocab.txt'
 VLM_DIR = 'vlm'
 AGENT_DIR = 'agent'
+
+
+class BundleError(ValueError):
+  """A bundle that cannot be trusted: a file missing, damaged or changed since the export."""
+
+
+def _sha256(path) -> str:
+  h = hashlib.sha256()
+  with path.open('rb') as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def bundle_files(root) -> dict[str, str]:
+  """{path relative to `root` ('vlm/_METADATA', ...): sha256} of every file but the manifest."""
+  files = {}
+  for directory, _, names in root.walk():
+    for name in names:
+      rel = str((directory / name).relative_to(root))
+      if rel != MANIFEST:
+        files[rel] = _sha256(directory / name)
+  return dict(sorted(files.items()))
+
+
+def _read_json(path, what: str):
+  """Parsed JSON of bundle file `path`; BundleError naming it when it is not valid JSON."""
+  text = path.read_text()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise BundleError(f'{path} is damaged: {what} is not valid JSON ({e}; {len(text)} characters '
+                      'read). Export the bundle again (--mode=export).') from None
+
+
+def _check_vocab_size(root, manifest: dict[str, Any]) -> None:
+  """BundleError unless vocab.txt holds the manifest's `vocab_size` tokens."""
+  vocab_path = root / manifest['vocab']
+  want = manifest.get('vocab_size')
+  if vocab_path.exists() and isinstance(want, int):
+    got = len(_vocab_tokens(vocab_path.read_text()))
+    if got != want:
+      raise BundleError(f'{vocab_path} is damaged: it holds {got} tokens, the bundle was exported '
+                        f'with {want}. Export the bundle again (--mode=export).')
+
+
+def verify_bundle(root, manifest: dict[str, Any]) -> None:
+  """Checks the vocabulary size and every file's sha256 against `manifest`.
+
+  Raises:
+    BundleError: naming the damaged, missing or unexpected file.
+  """
+  _check_vocab_size(root, manifest)
+  files = manifest.get('files')
+  if files is None:
+    logging.warning('%s has no checksums (bundle format version %s): its files cannot be verified; '
+                    'export it again for a verified bundle.', root / MANIFEST, manifest.get('version'))
+    return
+  if not isinstance(files, dict):
+    raise BundleError(f"{root / MANIFEST} is damaged: 'files' is {type(files).__name__}, expected "
+                      'a mapping of file names to sha256 checksums.')
+  for rel, want in files.items():
+    path = root / rel
+    if not path.exists():
+      raise BundleError(f'{path} is missing from the bundle (the export recorded it). Export the '
+                        'bundle again (--mode=export).')
+    got = _sha256(path)
+    if got != want:
+      raise BundleError(f'{path} is damaged: its sha256 is {got}, the export recorded {want} (the '
+                        'file was changed, truncated or replaced since). Export the bundle again '
+                        '(--mode=export).')
+  extra = sorted(set(bundle_files(root)) - set(files))
+  if extra:
+    raise BundleError(f'{root} holds files the export did not write: {extra[:5]}; a checkpoint '
+                      'directory with foreign files may not read back as exported. Remove them or '
+                      'export the bundle again.')
+
+
+def _vocab_tokens(text: str) -> list[str]:
+  """vocab.txt's tokens: one per non-blank line."""
+  return [t for t in text.split('\n') if t.strip()]
 
 
 # --- Config round trip. --------------------------------------------------------------------------
@@ -64,7 +155,7 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 def read_config(text: str) -> ml_collections.ConfigDict:
   """The ConfigDict of `config_to_json` output, validated."""
-  return config_lib.validate(ml_collections.ConfigDict(_tuples(json.loads(text))))
+  return checks.check_config(ml_collections.ConfigDict(_tuples(json.loads(text))))
 
 
 # --- Writing. ------------------------------------------------------------------------------------
@@ -114,7 +205,7 @@ def export_bundle(path: str, config: ml_collections.ConfigDict, vlm_params, agen
   config.model.llm.vocab_size = runtime.vocab_size(config, tokenizer)  # Self-contained geometry.
   config.vlm_checkpoint = None  # `load_bundle` points these at the bundle's own checkpoints.
   config.agent.checkpoint = None
-  config_lib.validate(config)
+  checks.check_config(config)
   vlm = runtime.make_model(config, tokenizer)
   vlm_abstract, agent_abstract = _abstract_params(config, vlm)
   _check_tree('vlm_params', vlm_params, vlm_abstract)
@@ -132,11 +223,12 @@ def export_bundle(path: str, config: ml_collections.ConfigDict, vlm_params, agen
   checkpoint.save_params(str(work / AGENT_DIR), agent_params)
   (work / CONFIG_FILE).write_text(config_to_json(config))
   (work / VOCAB_FILE).write_text('\n'.join(tokenizer.tokens) + '\n')
+  files = bundle_files(work)  # sha256 of every file, verified by `load_bundle`.
   manifest = {
       'format': FORMAT, 'version': VERSION, 'config': CONFIG_FILE, 'vocab': VOCAB_FILE,
       'vlm': VLM_DIR, 'agent': AGENT_DIR, 'num_visual_tokens': runtime.num_visual_tokens_of(vlm),
       'vocab_size': tokenizer.vocab_size, 'max_question_len': int(config.data.max_question_len),
-      'position_mode': config.model.position_mode, 'source': source or {},
+      'position_mode': config.model.position_mode, 'source': source or {}, 'files': files,
   }
   from gripjax import __version__  # pylint: disable=g-import-not-at-top
   manifest['gripjax_version'] = __version__
@@ -214,7 +306,8 @@ class Bundle:
     """Answers each (image, question), keeping ceil(budget * N) visual tokens chosen by the agent.
 
     Args:
-      images: (B, H, W, 3) uint8 pixels in [0, 255] or floats in [0, 1], H = W = the model's size.
+      images: (B, H, W, 3) uint8 pixels in [0, 255] or floats in [0, 1], H = W = the model's size;
+        floats outside [0, 1] (e.g. 0-255) or NaN/inf pixels raise ValueError naming the image.
       questions: B question strings.
       budget: a keep ratio in (0, 1] for every request, or B of them.
       max_new_tokens: greedy tokens decoded per request.
@@ -231,15 +324,22 @@ class Bundle:
             f'vocab={self.tokenizer.vocab_size})')
 
 
-def load_bundle(path: str, batch_sizes: Optional[Sequence[int]] = None) -> Bundle:
+def load_bundle(path: str, batch_sizes: Optional[Sequence[int]] = None, verify: bool = True
+                ) -> Bundle:
   """Loads an inference bundle written by `export_bundle` / `--mode=export`.
 
   Args:
     path: the bundle directory.
     batch_sizes: padded batch sizes `generate` compiles for (default: PrunedGenerator's).
+    verify: check every file's sha256 and the vocabulary size against bundle.json first (reads
+      the whole bundle once; False skips the checksums, not the JSON and vocabulary checks).
 
   Returns:
     A `Bundle`; `bundle.generate(images, questions, budget)` answers with the agent's pruning.
+
+  Raises:
+    FileNotFoundError: no bundle.json.
+    BundleError: a file missing, damaged or changed since the export, named.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
   from gripjax import runtime  # pylint: disable=g-import-not-at-top
@@ -250,12 +350,24 @@ def load_bundle(path: str, batch_sizes: Optional[Sequence[int]] = None) -> Bundl
   if not manifest_path.exists():
     raise FileNotFoundError(f'{root} is not an inference bundle: it has no {MANIFEST} (write one '
                             'with --mode=export; an interrupted export leaves none).')
-  manifest = json.loads(manifest_path.read_text())
-  if manifest.get('format') != FORMAT or manifest.get('version') != VERSION:
-    raise ValueError(f'{manifest_path} has format {manifest.get("format")!r} version '
-                     f'{manifest.get("version")!r}: expected {FORMAT!r} version {VERSION}.')
-  config = read_config((root / manifest['config']).read_text())
-  tokens = [t for t in (root / manifest['vocab']).read_text().split('\n') if t.strip()]
+  manifest = _read_json(manifest_path, 'the manifest')
+  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT or \
+      manifest.get('version') not in READABLE_VERSIONS:
+    got = manifest if not isinstance(manifest, dict) else (
+        f'format {manifest.get("format")!r} version {manifest.get("version")!r}')
+    raise BundleError(f'{manifest_path} has {got}: expected {FORMAT!r} version '
+                      f'{" or ".join(map(str, READABLE_VERSIONS))}.')
+  missing = [k for k in ('config', 'vocab', 'vlm', 'agent') if not isinstance(manifest.get(k), str)]
+  if missing:
+    raise BundleError(f'{manifest_path} is damaged: it lacks the entries {missing}. Export the '
+                      'bundle again (--mode=export).')
+  if verify:
+    verify_bundle(root, manifest)
+  else:
+    _check_vocab_size(root, manifest)
+  config_json = _read_json(root / manifest['config'], 'the config')
+  config = read_config(json.dumps(config_json))
+  tokens = _vocab_tokens((root / manifest['vocab']).read_text())
   tok = tokenizer_lib.Tokenizer(tokens)
   config.vlm_checkpoint = str(root / manifest['vlm'])
   config.agent.checkpoint = str(root / manifest['agent'])

@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gripjax import pruning
+from gripjax.data import images as images_lib
+from gripjax.data import tokenizer as tokenizer_lib
 from gripjax.models import vlm as vlm_lib
 from gripjax.pruning import base
 
@@ -114,6 +116,8 @@ class PrunedGenerator:
       raise ValueError(f'text_len={text_len!r}: expected a positive int.')
     self.batch_sizes = _check_batch_sizes(batch_sizes)
     self.seed = int(seed)
+    # Unknown words and over-long questions: 'warn' (default) or 'error' (config.data.on_bad_question).
+    self.on_bad_question = tokenizer_lib.on_bad_question(config)
     self.agent_params = None
     self._scorer = None
     self._prune = None
@@ -164,8 +168,10 @@ class PrunedGenerator:
 
     Args:
       images: (B, H, W, 3) pixels, uint8 in [0, 255] (as `data.pipeline` feeds them) or float in
-        [0, 1]; H = W = config.model.vit.image_size.
-      questions: B non-empty question strings.
+        [0, 1]; H = W = config.model.vit.image_size. Floats outside [0, 1] (e.g. 0-255) and NaN or
+        inf pixels raise ValueError naming the image (`data.images.check_pixels`).
+      questions: B non-empty question strings; unknown words or more than T tokens warn, or raise
+        `tokenizer.QuestionError` with config.data.on_bad_question='error'.
       budget: one keep ratio rho in (0, 1] for every request, or B of them.
       max_new_tokens: tokens generated per request (a positive int; static: each value compiles).
       return_tokens: also return the generated ids.
@@ -216,15 +222,8 @@ class PrunedGenerator:
   # --- Input checks. -----------------------------------------------------------------------------
 
   def _check_images(self, images) -> np.ndarray:
-    pixels = np.asarray(images)
-    s = self.image_size
-    if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
-      raise ValueError(f'images have shape {pixels.shape}; expected (B, {s}, {s}, 3) (RGB, channels last).')
-    if pixels.dtype == np.uint8:
-      return pixels
-    if np.issubdtype(pixels.dtype, np.floating):
-      return pixels.astype(np.float32)
-    raise ValueError(f'images have dtype {pixels.dtype}; expected uint8 in [0, 255] or float in [0, 1].')
+    """uint8 as is, floats as float32; refuses NaN/inf and floats outside [0, 1], naming the image."""
+    return images_lib.check_pixels(images, self.image_size)
 
   def _budgets_to_k(self, budget, b: int):
     """-> (rho float32 (B,), k per request) after checking every budget."""
@@ -253,7 +252,10 @@ class PrunedGenerator:
     for i, q in enumerate(questions):
       if not isinstance(q, str) or not self.tokenizer.encode(q):
         raise ValueError(f'questions[{i}]={q!r}: expected a non-empty question string.')
-      row_ids, row_valid = self.tokenizer.encode_question(q, self.text_len)
+      try:
+        row_ids, row_valid = self.tokenizer.encode_question(q, self.text_len, self.on_bad_question)
+      except tokenizer_lib.QuestionError as e:
+        raise tokenizer_lib.QuestionError(f'questions[{i}]: {e}') from None
       ids.append(row_ids)
       valid.append(row_valid)
     t = self.text_len

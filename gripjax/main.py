@@ -25,9 +25,20 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
+from gripjax import checks
 from gripjax import config_lib
+from gripjax import demo
+from gripjax import export
+from gripjax import logs
+from gripjax import workdir as workdir_lib
+from gripjax.eval import ablations
+from gripjax.eval import evaluate
+from gripjax.train import distributed
+from gripjax.train import pretrain
+from gripjax.train import trainer
 
 MODES = ('demo', 'pretrain_vlm', 'train_agent', 'eval', 'ablations', 'export', 'validate_config')
 
@@ -42,23 +53,28 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]!r}: pass settings as --config.FIELD=VALUE')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/gripbench_tiny.py')
-  try:
-    config = config_lib.validate(_CONFIG.value)
-  except config_lib.ConfigError as e:
-    sys.exit(f'error: {e}')
+  logs.quiet_libraries()  # Library INFO (Orbax: thousands of lines) only at --verbosity>=1.
   mode = _MODE.value
   if mode != 'validate_config':
-    # Before any computation: on a pod (or with GRIPJAX_COORDINATOR etc. set) this joins the cluster.
-    from gripjax.train import distributed  # pylint: disable=g-import-not-at-top
+    # Before any computation: on a pod (or with GRIPJAX_COORDINATOR etc. set) this joins the cluster,
+    # so the start-up check sees every device of the job. validate_config checks against the
+    # devices of this machine.
     distributed.maybe_initialize_distributed()
+  try:
+    config = checks.check_config(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
   if mode == 'validate_config':
     print(config)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   workdir = _WORKDIR.value
+  try:  # Before any loading: writable, and not in use by another run (released at exit).
+    workdir_lib.claim(workdir, mode)
+  except workdir_lib.WorkdirError as e:
+    sys.exit(f'error: {e}')
   if '://' in workdir:  # A bucket (gs://...): Orbax and tfds take it as is.
-    from etils import epath  # pylint: disable=g-import-not-at-top
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   else:
     workdir = os.path.abspath(workdir)
@@ -66,32 +82,28 @@ def main(argv):
   logging.info('mode=%s workdir=%s', mode, workdir)
 
   if mode == 'pretrain_vlm':
-    from gripjax.train import pretrain  # pylint: disable=g-import-not-at-top
     out = pretrain.run(config, workdir)
-    from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     summary = evaluate.vlm_summary(config, workdir, params_path=out['params_path'])
     summary['train_seconds'] = round(out['seconds'], 1)
     with open(os.path.join(workdir, 'vlm_metrics.json'), 'w') as f:
       json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
   elif mode == 'train_agent':
-    from gripjax.train import trainer  # pylint: disable=g-import-not-at-top
-    trainer.run(config, workdir)
+    try:
+      trainer.run(config, workdir)
+    except trainer.ckpt_lib.CheckpointError as e:  # e.g. a config that changed the state's shapes
+      sys.exit(f'error: {e}')
   elif mode == 'export':
-    from gripjax import export  # pylint: disable=g-import-not-at-top
     try:
       path = export.run(config, workdir)
     except ValueError as e:
       sys.exit(f'error: {e}')
     print(path)
   elif mode == 'demo':
-    from gripjax import demo  # pylint: disable=g-import-not-at-top
     demo.run(config, workdir)
   elif mode == 'ablations':
-    from gripjax.eval import ablations  # pylint: disable=g-import-not-at-top
     ablations.run(config, workdir)
   elif mode == 'eval':
-    from gripjax.eval import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(config, workdir)
 
 

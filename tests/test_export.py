@@ -4,18 +4,22 @@ Run: .venv/bin/python -m pytest -q tests/test_export.py
 """
 
 import functools
+import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import gripjax
-from gripjax import config_lib
+from gripjax import checks
 from gripjax import export
 from gripjax import runtime
 from gripjax.models import scorer as scorer_lib
@@ -26,12 +30,14 @@ from gripjax.train import checkpoint
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUESTIONS = ('how many digits are there?', 'what color is the 3?', 'is there a 7 left of the 2?')
+# GRIP-Bench questions, every word in the vocabulary (digits are words: 'three', not '3').
+QUESTIONS = ('how many digits are there ?', 'what color is the three ?',
+             'is the seven left of the two ?')
 M = 3  # Tokens decoded per request.
 
 
 def smoke_config():
-  return config_lib.validate(helpers.load_config('gripbench_tiny', 'smoke'))
+  return checks.check_config(helpers.load_config('gripbench_tiny', 'smoke'))
 
 
 def nondegenerate(abstract, seed):
@@ -81,7 +87,34 @@ def bundle_dir(model, tmp_path_factory):
                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert r.returncode == 0, r.stderr[-4000:]
   assert r.stdout.strip().splitlines()[-1] == str(work / 'bundle')
+  # The terminal shows the project's own lines; Orbax's INFO detail only at --verbosity=1.
+  assert 'export: wrote the inference bundle' in r.stderr
+  assert not library_info_lines(r.stderr), library_info_lines(r.stderr)[:5]
   return work / 'bundle'
+
+
+def library_info_lines(stderr):
+  """absl INFO lines ('I1202 04:18:53.758 140 file.py:188] ...') logged from Orbax's modules."""
+  orbax_files = {f for _, _, files in os.walk(os.path.dirname(ocp.__file__)) for f in files
+                 if f.endswith('.py')}
+  ours = {f for _, _, files in os.walk(os.path.join(ROOT, 'gripjax')) for f in files}
+  lines = []
+  for line in stderr.splitlines():
+    m = re.match(r'I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]', line)
+    if m and m.group(1) in orbax_files - ours:
+      lines.append(line)
+  return lines
+
+
+def test_orbax_info_logs_at_verbosity_1(model, tmp_path):
+  _, _, _, _, _, root = model
+  cmd = [sys.executable, '-m', 'gripjax.main', '--config=configs/gripbench_tiny.py:smoke',
+         '--mode=export', f'--workdir={tmp_path}', f'--config.vlm_checkpoint={root / "vlm"}',
+         f'--config.agent.checkpoint={root / "agent"}', '--verbosity=1']
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert len(library_info_lines(r.stderr)) > 10
 
 
 def in_memory_generate(model, images, rho):
@@ -158,3 +191,98 @@ def test_load_bundle_refuses_an_incomplete_directory(tmp_path):
   (tmp_path / 'vlm').mkdir()
   with pytest.raises(FileNotFoundError, match='is not an inference bundle: it has no bundle.json'):
     gripjax.load_bundle(str(tmp_path))
+
+
+def test_questions_are_in_the_vocabulary():
+  tok = runtime.tokenizer()
+  for q in QUESTIONS:
+    assert not tok.unknown_words(q), q
+    tok.encode_question(q, smoke_config().data.max_question_len, on_bad_question='error')
+
+
+# --- A damaged bundle is refused, naming the file. ------------------------------------------------
+
+def damaged_copy(bundle_dir, tmp_path, damage):
+  """A copy of the bundle with `damage(copy)` applied; returns the copy's path."""
+  copy = tmp_path / 'bundle'
+  shutil.copytree(bundle_dir, copy)
+  damage(copy)
+  return copy
+
+
+def test_bundle_records_checksums_of_every_file(bundle_dir):
+  manifest = json.loads((bundle_dir / 'bundle.json').read_text())
+  files = sorted(os.path.relpath(os.path.join(d, f), bundle_dir)
+                 for d, _, names in os.walk(bundle_dir) for f in names if f != 'bundle.json')
+  assert sorted(manifest['files']) == files
+  with open(bundle_dir / 'vocab.txt', 'rb') as f:
+    assert manifest['files']['vocab.txt'] == hashlib.sha256(f.read()).hexdigest()
+  assert manifest['vocab_size'] == runtime.tokenizer().vocab_size and manifest['version'] == 2
+
+
+def test_vocab_that_lost_lines_is_refused(bundle_dir, tmp_path):
+  def lose_lines(b):
+    lines = (b / 'vocab.txt').read_text().splitlines()
+    (b / 'vocab.txt').write_text('\n'.join(lines[:-2]) + '\n')
+  n = runtime.tokenizer().vocab_size
+  bad = damaged_copy(bundle_dir, tmp_path, lose_lines)
+  with pytest.raises(export.BundleError, match=rf'{bad / "vocab.txt"} is damaged: it holds {n - 2} '
+                     rf'tokens, the bundle was exported with {n}'):
+    gripjax.load_bundle(str(bad))
+  with pytest.raises(export.BundleError, match='vocab.txt is damaged'):  # Without the checksums too.
+    gripjax.load_bundle(str(bad), verify=False)
+
+
+def test_vocab_with_two_words_swapped_is_refused(bundle_dir, tmp_path):
+  def swap(b):
+    lines = (b / 'vocab.txt').read_text().splitlines()
+    i, j = lines.index('three'), lines.index('seven')
+    lines[i], lines[j] = lines[j], lines[i]
+    (b / 'vocab.txt').write_text('\n'.join(lines) + '\n')
+  bad = damaged_copy(bundle_dir, tmp_path, swap)
+  with pytest.raises(export.BundleError, match=rf'{bad / "vocab.txt"} is damaged: its sha256 is '
+                     r'[0-9a-f]{64}, the export recorded [0-9a-f]{64}'):
+    gripjax.load_bundle(str(bad))
+
+
+def _truncate(path):
+  text = path.read_text()
+  path.write_text(text[:len(text) // 2])
+
+
+def test_truncated_manifest_and_config_are_named(bundle_dir, tmp_path):
+  bad = damaged_copy(bundle_dir, tmp_path, lambda b: _truncate(b / 'bundle.json'))
+  with pytest.raises(export.BundleError, match=rf'{bad / "bundle.json"} is damaged: the manifest is '
+                     'not valid JSON'):
+    gripjax.load_bundle(str(bad))
+  shutil.rmtree(bad)
+  bad = damaged_copy(bundle_dir, tmp_path, lambda b: _truncate(b / 'config.json'))
+  with pytest.raises(export.BundleError, match=rf'{bad / "config.json"} is damaged: its sha256'):
+    gripjax.load_bundle(str(bad))
+  with pytest.raises(export.BundleError, match=rf'{bad / "config.json"} is damaged: the config is '
+                     'not valid JSON'):
+    gripjax.load_bundle(str(bad), verify=False)
+
+
+def test_truncated_checkpoint_file_is_named(bundle_dir, tmp_path):
+  def truncate_data(b):
+    data = b / 'vlm' / 'd'
+    name = sorted(os.listdir(data))[0]
+    with open(data / name, 'r+b') as f:
+      f.truncate(os.path.getsize(data / name) // 2)
+  bad = damaged_copy(bundle_dir, tmp_path, truncate_data)
+  name = sorted(os.listdir(bad / 'vlm' / 'd'))[0]
+  with pytest.raises(export.BundleError, match=rf'{bad / "vlm" / "d" / name} is damaged'):
+    gripjax.load_bundle(str(bad))
+
+
+def test_bundle_generate_refuses_bad_pixels(bundle_dir):
+  bundle = gripjax.load_bundle(str(bundle_dir), batch_sizes=(4,))
+  pixels = np.random.default_rng(3).integers(0, 256, (3, 48, 48, 3)).astype(np.float32)  # 0-255
+  with pytest.raises(ValueError, match=r'images\[0\] has float pixels in \[0, 255\]: expected floats '
+                     r'in \[0, 1\]'):
+    bundle.generate(pixels, list(QUESTIONS), 0.25)
+  pixels /= 255.0
+  pixels[1, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match=r'images\[1\] has 1 non-finite pixel value'):
+    bundle.generate(pixels, list(QUESTIONS), 0.25)

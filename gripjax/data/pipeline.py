@@ -28,6 +28,7 @@ import threading
 import numpy as np
 
 from gripjax import config_lib
+from gripjax.data import images
 from gripjax.data.grip_bench import scenes
 
 TASKS = scenes.TASKS
@@ -84,7 +85,9 @@ class _Encoder:
       mask[region] = True
       masks.append(mask)
     return dict(
-        pixels=np.stack([np.asarray(ex['image'], np.uint8) for ex in examples]),  # (B, H, W, 3)
+        # (B, H, W, 3); a float image outside [0, 1] or with NaN is refused, not cast to uint8.
+        pixels=images.check_pixels(np.stack([np.asarray(ex['image']) for ex in examples]),
+                                   labels=[f'source example {int(i)}' for i in indices]),
         question_ids=np.stack(q_ids).astype(np.int32),  # (B, Tq)
         question_valid=np.stack(q_valid),  # (B, Tq)
         answer_id=np.asarray(answers, np.int32),  # (B,)

@@ -10,6 +10,12 @@ words of the GRIP-Bench question templates and answers. Regenerate or check it w
 A question prompt is its tokens followed by <sep>, left-padded with <pad> (the last slot always
 holds the last real token, <sep>); <bos> is not part of it (the model puts it before the image
 tokens).
+
+A question the model cannot read as asked: words outside the vocabulary (each becomes <unk>), or
+more than `max_len` tokens with <sep> (only the last `max_len` are kept, so its first words are
+lost). `config.data.on_bad_question` chooses what `encode_question` does then: 'warn' (default)
+logs the question with the unknown or dropped words and goes on; 'error' raises `QuestionError`
+with the same words.
 """
 
 import os
@@ -19,9 +25,36 @@ import sys
 from absl import logging
 import numpy as np
 
+from gripjax import config_lib
+
 SPECIAL_TOKENS = ('<pad>', '<bos>', '<eos>', '<sep>', '<unk>')
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'vocab.txt')
 _PUNCT = re.compile(r'([?,.])')
+ON_BAD_QUESTION = ('warn', 'error')  # What encode_question does with unknown words or overflow.
+
+
+class QuestionError(ValueError):
+  """A question with words outside the vocabulary, or too long, under on_bad_question='error'."""
+
+
+def check_on_bad_question(value, field: str = 'data.on_bad_question') -> str:
+  """`value` after checking it is one of ON_BAD_QUESTION; ConfigError naming `field` otherwise."""
+  if not isinstance(value, str) or value not in ON_BAD_QUESTION:
+    config_lib.fail(field, value, f"one of {ON_BAD_QUESTION} ('warn': log the unknown or dropped "
+                    "words and go on; 'error': refuse the question)")
+  return value
+
+
+def on_bad_question(config) -> str:
+  """`config.data.on_bad_question`, checked ('warn' when the config has no such field)."""
+  data = config.get('data') if hasattr(config, 'get') else None
+  value = data.get('on_bad_question', 'warn') if data is not None else 'warn'
+  return check_on_bad_question(value)
+
+
+def check(config) -> None:
+  """Start-up check of the tokenizer's field, `config.data.on_bad_question`; raises ConfigError."""
+  on_bad_question(config)
 
 
 def expected_vocab():
@@ -82,8 +115,12 @@ class Tokenizer:
     return len(self.tokens)
 
   def encode(self, text):
-    """Token ids of `text`; unknown words map to <unk>."""
+    """Token ids of `text`; unknown words map to <unk> (`unknown_words` lists them)."""
     return [self._ids.get(w, self.unk_id) for w in split_words(text)]
+
+  def unknown_words(self, text):
+    """The words of `text` (as `split_words` cuts them) that are not in the vocabulary, in order."""
+    return [w for w in split_words(text) if w not in self._ids]
 
   def decode(self, ids):
     """Joins the tokens of `ids`, skipping <pad> and stopping at <eos>."""
@@ -104,30 +141,46 @@ class Tokenizer:
       raise KeyError(f'answer word {word!r} is not in the vocabulary ({self.vocab_size} tokens); '
                      'answers must be single in-vocabulary words.') from None
 
-  def encode_question(self, text, max_len):
+  def encode_question(self, text, max_len, on_bad_question='warn'):
     """Encodes a question prompt: tokens + <sep>, left-padded to `max_len`.
 
     Args:
       text: the question.
       max_len: number of slots (>= 1).
+      on_bad_question: 'warn' or 'error' (see the module docstring), for unknown words (which
+        become <unk>) and for a prompt longer than `max_len` (its LAST `max_len` tokens are kept).
 
     Returns:
       ids: int32 (max_len,), <pad> first, then the prompt tokens, the last slot is <sep>.
       valid: bool (max_len,), True where `ids` holds a real token.
 
-    If the prompt is longer than `max_len`, its LAST `max_len` tokens are kept and a warning is
-    logged.
+    Raises:
+      QuestionError: with on_bad_question='error', naming the unknown or dropped words.
     """
+    if on_bad_question not in ON_BAD_QUESTION:
+      raise ValueError(f'on_bad_question={on_bad_question!r}: expected one of {ON_BAD_QUESTION}.')
     if max_len < 1:
       raise ValueError(f'max_len must be >= 1, got {max_len}.')
     words = self.encode(text)
     if not words:
       raise ValueError(f'question is empty (got {text!r}); expected at least one word.')
+    problems = []
+    unknown = self.unknown_words(text)
+    if unknown:
+      problems.append(f'words not in the vocabulary ({self.vocab_size} tokens) that become <unk>: '
+                      f'{unknown}')
     prompt = words + [self.sep_id]
     if len(prompt) > max_len:
-      logging.warning('question %r has %d tokens with <sep>, more than max_len=%d; keeping the '
-                      'last %d.', text, len(prompt), max_len, max_len)
+      dropped = split_words(text)[:len(prompt) - max_len]
+      problems.append(f'{len(prompt)} tokens with <sep>, more than max_len={max_len}: its first '
+                      f'words {dropped} are dropped (the last {max_len} are kept)')
       prompt = prompt[-max_len:]
+    if problems:
+      message = f'question {text!r} has ' + '; and '.join(problems)
+      if on_bad_question == 'error':
+        raise QuestionError(message + ". Expected in-vocabulary words within max_len (or "
+                            "config.data.on_bad_question='warn' to go on with a warning).")
+      logging.warning('%s.', message)
     ids = np.full((max_len,), self.pad_id, np.int32)
     valid = np.zeros((max_len,), bool)
     ids[max_len - len(prompt):] = prompt

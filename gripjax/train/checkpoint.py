@@ -23,14 +23,18 @@ to `<directory>.unusable/` so the resumed run can write those steps again.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gripjax.train import sharding
 
 STATE_ITEM = 'state'
 META_ITEM = 'meta'
@@ -61,7 +65,6 @@ def load_params(path: str, abstract: Any | None = None) -> Any:
   Returns:
     The parameter pytree, as jax arrays.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path = _abspath(path)
   if not epath.Path(path).is_dir():
     raise FileNotFoundError(
@@ -165,7 +168,6 @@ _fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
 
 def fingerprint(tree: Any) -> dict[str, list[int]]:
   """{leaf path: [sum, weighted sum] of its bits mod 2**32} for every leaf of `tree` (see above)."""
-  from gripjax.train import sharding  # pylint: disable=g-import-not-at-top
   values = jax.device_get(_fingerprints(tree))
   leaves = jax.tree_util.tree_leaves_with_path(values)
   return {sharding.path_str(path) or '.': [int(v) for v in np.asarray(x)] for path, x in leaves}
@@ -200,7 +202,6 @@ def _check_fingerprint(state, meta) -> None:
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
   """Moves unusable checkpoints to `<directory>.unusable/<step>`, so the resumed run can write
   those steps again (kept, not deleted: a read error may have been transient)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     directory = epath.Path(manager.directory)
     aside = directory.parent / f'{directory.name}.unusable'
@@ -217,8 +218,71 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
   manager.reload()
 
 
-def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, set_aside: bool = True
-                        ) -> tuple[int, Any, dict[str, Any]] | None:
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{leaf path: (shape, dtype name)} of a pytree of arrays, abstract arrays or Orbax metadata."""
+  return {sharding.path_str(path) or '.': (tuple(x.shape), np.dtype(x.dtype).name)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _flat_config(config: Any, prefix: str = '') -> dict[str, Any]:
+  """{'agent.width': 64, ...} of a config's JSON dict."""
+  out = {}
+  for key, value in (config or {}).items():
+    if isinstance(value, dict):
+      out.update(_flat_config(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def geometry_mismatch(step_dir: str, abstract_state: Any, config: Any = None) -> str | None:
+  """Why checkpoint `step_dir`'s train state cannot restore into `abstract_state`; None if it can.
+
+  Reads only the checkpoint's metadata (leaf paths, shapes, dtypes), so a changed model field (e.g.
+  `agent.width`) is named in one message before Orbax fails on it. With `config` (the current
+  run's ConfigDict) and a config saved in the checkpoint's meta, the fields that differ are named
+  too. Unreadable metadata is not a mismatch (None): the restore reports it as a damaged checkpoint.
+  """
+  step_dir = epath.Path(step_dir)
+  try:
+    saved_tree = ocp.StandardCheckpointHandler().metadata(step_dir / STATE_ITEM)
+  except Exception:  # pylint: disable=broad-except  # Damaged: left to the restore's fallback.
+    return None
+  saved = _leaf_specs(getattr(saved_tree, 'tree', saved_tree))
+  want = _leaf_specs(abstract_state)
+  lines = []
+  for path in sorted(set(saved) | set(want), key=lambda p: (not p.startswith('params/'), p)):
+    s, w = saved.get(path), want.get(path)
+    if s == w:
+      continue
+    show = lambda spec: 'absent' if spec is None else f'shape {spec[0]} {spec[1]}'
+    lines.append(f'{path}: {show(s)} in the checkpoint, {show(w)} for this config')
+  if not lines:
+    return None
+  shown = lines[:6] + ([f'... and {len(lines) - 6} more leaves'] if len(lines) > 6 else [])
+  message = (f'the checkpoint {step_dir} holds a train state of another geometry than this '
+             f'config builds ({len(lines)} of {len(want)} leaves differ):\n  ' + '\n  '.join(shown))
+  saved_config = None
+  try:
+    saved_meta = ocp.JsonCheckpointHandler().restore(step_dir / META_ITEM)
+    saved_config = saved_meta.get('config') if isinstance(saved_meta, dict) else None
+  except Exception:  # pylint: disable=broad-except  # Older checkpoints have no saved config.
+    pass
+  if config is not None and isinstance(saved_config, dict):
+    now = _flat_config(json.loads(config.to_json()) if hasattr(config, 'to_json') else config)
+    before = _flat_config(saved_config)
+    changed = [f'{k}: {before.get(k, "absent")!r} then, {now.get(k, "absent")!r} now'
+               for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)]
+    if changed:
+      message += ('\nconfig fields that differ from the run that wrote it:\n  ' +
+                  '\n  '.join(changed[:12] + ([f'... and {len(changed) - 12} more'] if
+                                              len(changed) > 12 else [])))
+  return message + ('\nResume with the fields the checkpoint was written with, or start this '
+                    'config in a new --workdir.')
+
+
+def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, set_aside: bool = True,
+                        config: Any = None) -> tuple[int, Any, dict[str, Any]] | None:
   """Restores the newest good checkpoint into `abstract_state`; None when there is none.
 
   Args:
@@ -227,17 +291,25 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, set
       mesh's, whatever mesh the checkpoint was saved from).
     set_aside: after falling back, move the unusable newer checkpoints to
       `<directory>.unusable/` (the resumed run saves those steps again).
+    config: the current run's config; with it a geometry error also names the config fields that
+      changed since the checkpoint was written (trainer saves the config in each checkpoint's meta).
 
   Returns:
     (step, state, meta), or None when the directory has no complete checkpoint.
 
   Raises:
-    CheckpointError: there are checkpoints but none restores (e.g. the state's shapes changed):
-      starting over would silently discard them, so the run stops and says so.
+    CheckpointError: the newest readable checkpoint's leaves or shapes differ from
+      `abstract_state`'s (a changed model field: one message naming the leaves, both shapes and the
+      changed fields, raised before Orbax reads any array); or there are checkpoints but none
+      restores: starting over would silently discard them, so the run stops and says so.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   errors = []
   for i, step in enumerate(steps):
+    mismatch = geometry_mismatch(str(epath.Path(manager.directory) / str(step)), abstract_state,
+                                 config)
+    if mismatch:  # Every older checkpoint has the same geometry: no fallback.
+      raise CheckpointError(mismatch)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))

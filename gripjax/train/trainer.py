@@ -112,7 +112,11 @@ def _append_metrics(path: str, row: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-  """Drops the rows an interrupted run logged after its checkpoint at `step` (they are redone)."""
+  """Drops the rows an interrupted run logged after its checkpoint at `step` (they are redone).
+
+  Locally the dropped rows are appended to PATH.dropped (and a warning says how many), so a run that
+  starts over never silently erases a log.
+  """
   if '://' in path:
     from etils import epath  # pylint: disable=g-import-not-at-top
     remote = epath.Path(path)
@@ -126,6 +130,11 @@ def _truncate_metrics(path: str, step: int) -> None:
     lines = f.readlines()
   keep = [line for line in lines if _row_step(line) <= step]
   if len(keep) != len(lines):
+    dropped = [line for line in lines if _row_step(line) > step]
+    with open(path + '.dropped', 'a') as f:  # Set aside, not lost: appended for the record.
+      f.writelines(line if line.endswith('\n') else line + '\n' for line in dropped)
+    logging.warning('train_agent: %d rows of %s were logged after step %d, which this run redoes: '
+                    'moved them to %s.dropped', len(dropped), path, max(step, 0), path)
     with open(path + '.tmp', 'w') as f:
       f.writelines(keep)
     os.replace(path + '.tmp', path)
@@ -208,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   manager = ckpt_lib.make_train_manager(os.path.join(workdir, 'checkpoints'),
                                         max_to_keep=t.get('checkpoint_keep', 2))
-  restored = ckpt_lib.restore_train_state(manager, state_tree(abstract))
+  restored = ckpt_lib.restore_train_state(manager, state_tree(abstract), config=config)
   if restored is None:
     state = jax.jit(init, out_shardings=state_shardings)(rng)
     start = 0
@@ -271,7 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if done % t.checkpoint_every == 0 or last:
         ckpt_lib.save_train_state(manager, done, state_tree(state), {
             'data': data_position(config, len(train_src), done),
-            'mesh': {k: int(v) for k, v in mesh.shape.items()}})
+            'mesh': {k: int(v) for k, v in mesh.shape.items()},
+            'config': json.loads(config.to_json())})  # Names changed fields if a resume mismatches.
     manager.wait_until_finished()
   manager.close()
   out = os.path.join(workdir, 'agent')
