@@ -4,7 +4,8 @@
 
 Writes `WORKDIR/eval/results.json` (one row per method x budget x position mode) and a Markdown
 report made from that JSON alone. Reference rows: `full` (every token), `blind` (no visual token:
-the question-only floor) and `shuffled` (every token of another example's image).
+the question-only floor) and `shuffled` (every token of another example's image). `oracle` is a
+reference too, not a baseline: it prunes at every budget but reads the answer region (a label).
 """
 
 from __future__ import annotations
@@ -24,22 +25,26 @@ from gripjax import config_lib
 from gripjax import pruning
 from gripjax import runtime
 from gripjax.data import pipeline
-from gripjax.models import costs
+from gripjax.eval import awareness
 from gripjax.eval import report as report_lib
+from gripjax.models import costs
 from gripjax.pruning import base
 from gripjax.pruning import inlm
 from gripjax.pruning import grip
+from gripjax.pruning import oracle
 
 POSITION_MODES = ('keep', 'renumber')
 
 # Rows that do not prune: they bracket the pruners from above (full) and below (blind, shuffled).
 REFERENCE_METHODS = ('full', 'blind', 'shuffled')
+# References that prune at every budget but read the answer region (a label): not baselines.
+ORACLE_METHODS = tuple(pruning.REFERENCE_PRUNERS)
 # The trained agent; needs `config.agent.checkpoint`.
 AGENT_METHODS = ('grip',)
 
 
 def known_methods() -> tuple[str, ...]:
-  return REFERENCE_METHODS + tuple(pruning.METHODS) + AGENT_METHODS
+  return REFERENCE_METHODS + ORACLE_METHODS + tuple(pruning.METHODS) + AGENT_METHODS
 
 
 def check_methods(methods: Iterable[str], field: str = 'config.eval.methods') -> tuple[str, ...]:
@@ -122,9 +127,13 @@ def make_eval_step(vlm, method: str, k: int, agent=None, rho: float | None = Non
       logits, index = inlm.run(method, lm, visual, *text, k, position_mode)
       return _score(logits, index, jnp.ones(index.shape, bool), batch)
     else:
-      ctx = base.PruneContext(tokens=visual, features=enc['features'], cls_attn=enc['cls_attn'],
-                              question=enc['question'], question_mask=batch['question_valid'],
-                              rng=rng, grid=grid)
+      fields = dict(tokens=visual, features=enc['features'], cls_attn=enc['cls_attn'],
+                    question=enc['question'], question_mask=batch['question_valid'], rng=rng,
+                    grid=grid)
+      if method in ORACLE_METHODS:  # The oracle reads the answer region (B, N).
+        ctx = oracle.RegionContext(**fields, region_mask=batch['region_mask'])
+      else:
+        ctx = base.PruneContext(**fields)
       if method == 'grip':
         prune = grip.make_grip_prune(*agent, rho)
       else:
@@ -208,6 +217,9 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   # agent's also depends on its budget input, the rho asked for.
   step_of = {job: (job[0], max(kept[job], 1), job[1] if job[0] == 'grip' else None) for job in jobs}
   steps = {key: make_eval_step(vlm, key[0], key[1], agent, key[2]) for key in set(step_of.values())}
+  # The agent's awareness columns (question swap, budget nesting): untimed, after its timed step.
+  aware = {key: awareness.make_awareness_step(vlm, *agent, key[2], key[1])
+           for key in set(step_of.values()) if key[0] == 'grip'}
   encode = make_encode(vlm)
   results = {job: {'correct': [], 'recall': [], 'seconds': 0.0, 'batch_seconds': []} for job in jobs}
   tasks = []
@@ -223,6 +235,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     enc = encode(params, arrays)
     tasks.append(batch['task_id'][valid])
     rng = jax.random.PRNGKey(config.seed * 100003 + i)
+    perm = jnp.asarray(awareness.swap_permutation(valid))
     for job in jobs:
       t0 = time.time()
       renumber = np.asarray(job[2] == 'renumber')
@@ -235,6 +248,10 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
                                                    min(pictures, int(valid.sum())))
       results[job]['correct'].append(c[valid])
       results[job]['recall'].append(np.asarray(r)[valid])
+      if step_of[job] in aware:
+        out = aware[step_of[job]](params, enc, arrays, perm, renumber)
+        results[job].setdefault('swap', []).append(np.asarray(out['swap_correct'])[valid])
+        results[job].setdefault('nesting', []).append(np.asarray(out['nesting'])[valid])
       bar.update(1)
   bar.close()
   tasks = np.concatenate(tasks)
@@ -264,6 +281,9 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         # Per example: median batch time (pruner + LM prefill) after the first, compiling, batch.
         'prefill_seconds': _prefill_seconds(results[job]['batch_seconds'], config.eval.batch_size),
     })
+    if 'swap' in results[job]:  # See gripjax/eval/awareness.py.
+      rows[-1]['question_swap_accuracy'] = float(np.concatenate(results[job]['swap']).mean())
+      rows[-1]['budget_nesting'] = float(np.concatenate(results[job]['nesting']).mean())
     if 'example_kept' in results[job]:
       # Examples 0, 1, ... of a split are a pure function of the data config: enough to redraw them.
       rows[-1]['examples'] = {
