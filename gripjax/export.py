@@ -41,11 +41,18 @@ import os
 from typing import Any, Optional, Sequence
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
+import gripjax
 from gripjax import checks
 from gripjax import config_lib
+from gripjax import inference
+from gripjax import runtime
+from gripjax.data import tokenizer as tokenizer_lib
+from gripjax.models import scorer as scorer_lib
+from gripjax.train import checkpoint
 
 FORMAT = 'gripjax-bundle'
 VERSION = 2  # 2: the manifest records the sha256 of every file ('files').
@@ -162,8 +169,6 @@ def read_config(text: str) -> ml_collections.ConfigDict:
 
 def _abstract_params(config, vlm):
   """(VLM, agent) abstract param trees of `config`'s geometry (nothing allocated)."""
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.models import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
   rng = jax.random.PRNGKey(0)
   vlm_abstract = jax.eval_shape(functools.partial(runtime.init_params, vlm), rng)
   scorer = scorer_lib.make_scorer(config)
@@ -198,9 +203,6 @@ def export_bundle(path: str, config: ml_collections.ConfigDict, vlm_params, agen
     tokenizer: the `Tokenizer` the VLM was trained with.
     source: where the params came from, recorded in the manifest.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   config = copy.deepcopy(config)
   config.model.llm.vocab_size = runtime.vocab_size(config, tokenizer)  # Self-contained geometry.
   config.vlm_checkpoint = None  # `load_bundle` points these at the bundle's own checkpoints.
@@ -230,8 +232,7 @@ def export_bundle(path: str, config: ml_collections.ConfigDict, vlm_params, agen
       'vocab_size': tokenizer.vocab_size, 'max_question_len': int(config.data.max_question_len),
       'position_mode': config.model.position_mode, 'source': source or {}, 'files': files,
   }
-  from gripjax import __version__  # pylint: disable=g-import-not-at-top
-  manifest['gripjax_version'] = __version__
+  manifest['gripjax_version'] = gripjax.__version__
   (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
   if local:
     old = final.parent / f'{final.name}.old-{os.getpid()}'
@@ -250,9 +251,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   The agent is `config.agent.checkpoint`, or WORKDIR/agent (what --mode=train_agent writes there).
   The bundle goes to `config.export.dir`, or WORKDIR/bundle.
   """
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   agent_path = config_lib.resolve_path(config.agent.checkpoint)
   if agent_path is None:
     agent_path = os.path.join(workdir, 'agent')
@@ -287,8 +285,6 @@ class Bundle:
 
   def __init__(self, path, manifest, config, tokenizer, vlm, vlm_params, agent_params,
                batch_sizes: Optional[Sequence[int]] = None):
-    from gripjax import inference  # pylint: disable=g-import-not-at-top
-    from gripjax.models import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
     self.path = path
     self.manifest = manifest
     self.config = config
@@ -341,10 +337,6 @@ def load_bundle(path: str, batch_sizes: Optional[Sequence[int]] = None, verify: 
     FileNotFoundError: no bundle.json.
     BundleError: a file missing, damaged or changed since the export, named.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   root = epath.Path(os.path.abspath(path) if '://' not in str(path) else path)
   manifest_path = root / MANIFEST
   if not manifest_path.exists():

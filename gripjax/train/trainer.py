@@ -28,10 +28,14 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
+from tqdm import tqdm
 
 from gripjax import config_lib
+from gripjax import runtime
+from gripjax.data import pipeline
 from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
 from gripjax.train import checkpoint as ckpt_lib
@@ -55,7 +59,6 @@ def _load_vlm_params(config, vlm, mesh):
   Placed by `config.train.sharding.vlm_params`, so under fsdp or tensor no device ever holds the
   whole model. `config.vlm_checkpoint` None: random weights (smoke runs).
   """
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
   rng = jax.random.PRNGKey(config.seed)
   init = lambda r: runtime.init_params(vlm, r)
   abstract = jax.eval_shape(init, rng)
@@ -106,7 +109,6 @@ def _append_metrics(path: str, row: dict[str, Any]) -> None:
     with open(path, 'a') as f:
       f.write(line)
     return
-  from etils import epath  # pylint: disable=g-import-not-at-top
   remote = epath.Path(path)
   remote.write_text((remote.read_text() if remote.exists() else '') + line)
 
@@ -118,7 +120,6 @@ def _truncate_metrics(path: str, step: int) -> None:
   starts over never silently erases a log.
   """
   if '://' in path:
-    from etils import epath  # pylint: disable=g-import-not-at-top
     remote = epath.Path(path)
     if remote.exists():
       keep = [l for l in remote.read_text().splitlines(keepends=True) if _row_step(l) <= step]
@@ -166,8 +167,6 @@ def _log_memory(compiled) -> None:
 def _validator(config, vlm, scorer, tok, workdir, mesh):
   """`validate(agent_params, vlm_params) -> {metric: float}` on the first `train.val_examples`
   validation examples (`train/validation.py`), replicated over the mesh; None when 0."""
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.data import pipeline  # pylint: disable=g-import-not-at-top
   count = config.train.get('val_examples', 0)
   if not count:
     return None
@@ -182,8 +181,6 @@ def _validator(config, vlm, scorer, tok, workdir, mesh):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs agent training; returns {'params_path', 'history' (logged rows), 'seconds'}."""
-  from gripjax import runtime  # pylint: disable=g-import-not-at-top
-  from gripjax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   t = config.train  # Checked at start-up (gripjax.checks.check_config).
   mesh = sharding.make_mesh(config)
@@ -256,7 +253,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     compiled = train_step.lower(state, batch, vlm_params).compile()
     logging.info('train_agent: compiled the step in %.1f s', time.time() - t0)
     _log_memory(compiled)
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc='train_agent',
                mininterval=5.0, disable=not is_main)
     for step in bar:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gripjax.data.grip_bench import scenes
 from gripjax.models import vlm as vlm_lib
 
 
@@ -225,7 +226,6 @@ def lm_loss(vlm, params, batch, eos_id, position_mode, visual_valid=None, questi
 
 def word_ground_targets(tok, num_colors):
   """(digit (V,), color (V,)) int32: the digit / colour each token names, -1 for other tokens."""
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   digit = [-1] * tok.vocab_size
   color = [-1] * tok.vocab_size
   for d, word in enumerate(scenes.DIGIT_WORDS):
@@ -313,7 +313,6 @@ def image_dependence(vlm, params, batch, position_mode='keep') -> dict[str, jax.
   spread = jnp.std(jnp.stack([logits, shuffled]), axis=0).mean() * 2.0  # |a-b| for two images
   var_across = jnp.var(visual, axis=0).mean()
   mean_sq = jnp.mean(jnp.sum(visual ** 2, -1)) / visual.shape[-1]
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   right = logits.argmax(-1) == answer  # (B,)
   per_task = {}
   if 'task_id' in batch:
