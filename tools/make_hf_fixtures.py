@@ -22,7 +22,20 @@ What it writes (float32 throughout):
   outputs.npz                               per example: prompt ids (`<image>\\n{question}`),
                                             pixel_values with and without pad-to-square, full logits,
                                             logits with some image tokens removed from inputs_embeds,
-                                            greedy tokens; ids of the LLaVA-1.5 chat prompt.
+                                            greedy tokens; ids of the LLaVA-1.5 chat prompt
+                                            (`USER: <image>\\n{question} ASSISTANT:`) and, on it, full
+                                            logits (`ex{e}_chat_logits`), greedy tokens
+                                            (`ex{e}_chat_greedy`) and logits with only the image tokens
+                                            `ex{e}_chat_keep` left in inputs_embeds
+                                            (`ex{e}_chat_logits_dropped`); ids of the other TEMPLATES
+                                            (`ex{e}_template_{name}_input_ids`); the image processor on
+                                            PROCESSOR_CASES (`proc_{case}_pixel_values`).
+  tokenizer_cases.json                      transformers' ids for TOKENIZER_TEXTS (with and without
+                                            special tokens) and its decodes (with and without
+                                            skip_special_tokens).
+
+Keys present before a new one was added keep their values when the fixtures are regenerated (every
+random draw has its own seed), so earlier tests keep passing.
 """
 
 import argparse
@@ -30,6 +43,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 import skimage.data
 import torch
 from safetensors.numpy import load_file, save_file
@@ -48,7 +62,28 @@ EXAMPLES = (  # (skimage image, question)
     ('coffee', 'Is there a cup of coffee on the table?'),
     ('rocket', 'Is the rocket on the launch pad?'),
 )
+CHAT_TEMPLATE = 'USER: <image>\n{question} ASSISTANT:'  # LLaVA-1.5's.
 EXTRA_IMAGES = ('astronaut',)  # Square: pad-to-square is a no-op.
+# Chat templates besides LLaVA-1.5's (ex{e}_chat_input_ids): text on both sides with newlines.
+TEMPLATES = {
+    'system': 'SYSTEM: Answer the question using a single word.\nUSER: <image>\n{question}\nASSISTANT:',
+    'image_last': 'USER: {question}\n<image> ASSISTANT:',
+}
+# Image processor cases beyond the examples: (name, skimage image, how it is cut or converted,
+# processor overrides). The test rebuilds each input from skimage the same way.
+PROCESSOR_CASES = (
+    ('portrait', 'astronaut', 'columns 100:400 (512 x 300, taller than wide)', {}),
+    ('portrait_nopad', 'astronaut', 'columns 100:400 (512 x 300, taller than wide)', {'do_pad': False}),
+    ('gray', 'camera', 'rows 0:200 as a PIL image of mode L (200 x 512)', {}),
+    ('rgba', 'chelsea', 'RGBA, alpha = the red channel, as a PIL image', {}),
+    ('small', 'chelsea', 'rows 0:20, columns 0:27 (smaller than the crop: upscaled)', {}),
+    ('bilinear_square', 'coffee', 'whole image', {'resample': 2, 'size': {'height': 40, 'width': 40},
+                                                  'do_pad': False}),
+)
+TOKENIZER_TEXTS = (
+    'What color is the cat?', ' leading space', 'two  spaces and a\nnewline', 'USER: <image>\nHi ASSISTANT:',
+    'caf\u00e9 \u00fcber', '', 'x', 'The cat<image><image>sits.', 'ASSISTANT: yes</s>',
+)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 MAX_NEW_TOKENS = 6
@@ -76,6 +111,20 @@ def make_tokenizer(out):
                                               extra_special_tokens={'image_token': '<image>'})
   fast.save_pretrained(out)
   return transformers.AutoTokenizer.from_pretrained(out)
+
+
+def processor_input(name, image_name):
+  """The input image of PROCESSOR_CASES[name], built from its skimage image."""
+  image = getattr(skimage.data, image_name)()
+  if name.startswith('portrait'):
+    return image[:, 100:400]
+  if name == 'gray':
+    return Image.fromarray(image[:200], mode='L')
+  if name == 'rgba':
+    return Image.fromarray(np.concatenate([image, image[..., :1]], -1), mode='RGBA')
+  if name == 'small':
+    return image[:20, :27]
+  return image
 
 
 def randomize(model, seed=0):
@@ -165,7 +214,7 @@ def main():
     ids = inputs['input_ids']  # (1, L)
     arrays[f'ex{e}_input_ids'] = ids[0].numpy().astype(np.int32)
     arrays[f'ex{e}_pixel_values'] = inputs['pixel_values'][0].numpy()  # (3, H, W)
-    chat = f'USER: <image>\n{question} ASSISTANT:'
+    chat = CHAT_TEMPLATE.format(question=question)
     arrays[f'ex{e}_chat_input_ids'] = processor(images=image, text=chat, return_tensors='pt')['input_ids'][0].numpy()
     with torch.no_grad():
       full = model(**inputs).logits[0]  # (L, V)
@@ -188,12 +237,44 @@ def main():
       arrays[f'ex{e}_greedy'] = generated[0, ids.shape[1]:].numpy().astype(np.int32)
     arrays[f'ex{e}_pixel_values_nopad'] = processor.image_processor(
         image, do_pad=False, return_tensors='np')['pixel_values'][0]
+    for name, template in TEMPLATES.items():
+      arrays[f'ex{e}_template_{name}_input_ids'] = processor(
+          images=image, text=template.format(question=question), return_tensors='np')['input_ids'][0]
+    # The chat prompt: text before and after the image.
+    chat_inputs = processor(images=image, text=chat, return_tensors='pt')
+    chat_ids = chat_inputs['input_ids']  # (1, L)
+    with torch.no_grad():
+      arrays[f'ex{e}_chat_logits'] = model(**chat_inputs).logits[0].numpy()
+      generated = model.generate(**chat_inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+      arrays[f'ex{e}_chat_greedy'] = generated[0, chat_ids.shape[1]:].numpy().astype(np.int32)
+      embeds = lm(chat_ids)[0].clone()  # (L, D)
+      is_image = chat_ids[0] == image_token
+      embeds[is_image] = feats.to(embeds.dtype)
+      first = int(np.flatnonzero(is_image.numpy())[0])
+      keep = np.sort(np.random.default_rng(100 + e).permutation(n)[:n // 2 + e])
+      rows = np.concatenate([np.arange(first), first + keep, np.arange(first + n, chat_ids.shape[1])])
+      arrays[f'ex{e}_chat_keep'] = keep.astype(np.int32)
+      arrays[f'ex{e}_chat_logits_dropped'] = model(inputs_embeds=embeds[rows][None]).logits[0].numpy()
   for name in EXTRA_IMAGES:
     image = getattr(skimage.data, name)()
     arrays[f'{name}_pixel_values'] = processor.image_processor(image, return_tensors='np')['pixel_values'][0]
+  for name, image_name, _, overrides in PROCESSOR_CASES:
+    arrays[f'proc_{name}_pixel_values'] = processor.image_processor(
+        processor_input(name, image_name), return_tensors='np', **overrides)['pixel_values'][0]
   np.savez_compressed(os.path.join(out, 'outputs.npz'), **arrays)
+  cases = []
+  for text in TOKENIZER_TEXTS:
+    ids = tokenizer(text)['input_ids']
+    plain = tokenizer(text, add_special_tokens=False)['input_ids']
+    cases.append({'text': text, 'ids': ids, 'ids_plain': plain, 'decoded': tokenizer.decode(ids),
+                  'decoded_skip': tokenizer.decode(ids, skip_special_tokens=True)})
+  with open(os.path.join(out, 'tokenizer_cases.json'), 'w') as f:
+    json.dump(cases, f, indent=2)
   with open(os.path.join(out, 'examples.json'), 'w') as f:
     json.dump({'examples': [list(x) for x in EXAMPLES], 'extra_images': list(EXTRA_IMAGES),
+               'chat_template': CHAT_TEMPLATE, 'templates': TEMPLATES,
+               'processor_cases': [{'name': name, 'image': image_name, 'input': how, 'overrides': overrides}
+                                   for name, image_name, how, overrides in PROCESSOR_CASES],
                'max_new_tokens': MAX_NEW_TOKENS, 'transformers': transformers.__version__,
                'torch': torch.__version__}, f, indent=2)
   print('wrote', out, sorted(os.listdir(out)))
