@@ -26,6 +26,25 @@ def test_group_advantages_hand_computed():
   assert int(m['reward/num_nonfinite']) == 0
 
 
+def test_group_advantages_batch_and_no_scale_by_hand():
+  r = jnp.array([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]])
+  # Deviations from each group's mean: (-1.5, -0.5, 0.5, 1.5) and (-0.5, -0.5, 0.5, 0.5);
+  # their mean square over the 8 members is (2.25 + 0.25 + 0.25 + 2.25 + 4 * 0.25) / 8 = 0.75.
+  adv, _ = grpo.group_advantages(r, eps=0.0, scale='batch')
+  np.testing.assert_allclose(adv, np.array([[-1.5, -0.5, 0.5, 1.5], [-0.5, -0.5, 0.5, 0.5]]) / np.sqrt(0.75),
+                             rtol=1e-6)
+  adv, _ = grpo.group_advantages(r, scale='none')
+  np.testing.assert_allclose(adv, [[-1.5, -0.5, 0.5, 1.5], [-0.5, -0.5, 0.5, 0.5]], rtol=1e-6)
+  # A zero-spread group stays exactly 0 under every scale; a NaN member is left out of the batch scale.
+  r = jnp.array([[2.0, 2.0], [0.0, 1.0], [jnp.nan, 3.0]])
+  # Finite members: 2 + 2 + 1, deviations 0, 0, -0.5, 0.5, 0: mean square 0.5 / 5 = 0.1.
+  adv, _ = grpo.group_advantages(r, eps=0.0, scale='batch')
+  np.testing.assert_allclose(adv, [[0.0, 0.0], [-0.5 / np.sqrt(0.1), 0.5 / np.sqrt(0.1)], [0.0, 0.0]],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="scale='std'"):
+    grpo.group_advantages(r, scale='std')
+
+
 def test_zero_spread_group_gives_exact_zeros():
   r = jnp.array([[0.1, 0.1, 0.1], [1.0, 0.0, 1.0], [5.0, 5.0, 5.0]])
   adv, m = grpo.group_advantages(r)

@@ -27,6 +27,8 @@ shape; inside the jitted train step they inline); `eps`, `clip_eps` and
 `kl_coef` may be Python floats or traced scalars (e.g. from a schedule).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -42,15 +44,28 @@ def _masked_mean(x, mask):
   return total / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-@jax.jit
-def group_advantages(rewards, eps=1e-6):
-  """Group-normalized advantages.
+# How `group_advantages` scales the centred rewards (`train.adv_scale`).
+ADV_SCALES = ('group', 'batch', 'none')
+
+
+@functools.partial(jax.jit, static_argnames='scale')
+def group_advantages(rewards, eps=1e-6, scale='group'):
+  """Group-centred advantages, scaled by the group's std (GRPO), the batch's, or not at all.
 
   For a group r_1..r_G (the last axis), over its finite members F:
 
     mean = (1/|F|) sum_{g in F} r_g,
     std  = sqrt((1/|F|) sum_{g in F} (r_g - mean)^2),
-    A_g  = (r_g - mean) / (std + eps)   for g in F,   A_g = 0 otherwise.
+    A_g  = (r_g - mean) / (S + eps)   for g in F,   A_g = 0 otherwise,
+
+  with S, by `scale`:
+    'group'  S = the group's own std (GRPO, Shao et al. 2024): every group gets unit spread, so a
+             group whose keep-sets differ by 0.01 nats pushes as hard as one where they differ by
+             2 nats (a near-tie's noise amplified to full strength).
+    'batch'  S = sqrt(mean over all finite members of the batch of (r_g - mean)^2): one scale for
+             every group, so groups weigh by how much their keep-sets' rewards actually differ;
+             the advantages still have unit spread overall, so `kl_coef` keeps its meaning.
+    'none'   S = 1 (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783): centred rewards in reward units.
 
   A group whose finite rewards are all equal (including one with fewer than
   two finite members) carries no learning signal: its advantages are exactly
@@ -61,7 +76,8 @@ def group_advantages(rewards, eps=1e-6):
 
   Args:
     rewards: (..., G) rewards; leading dims index groups.
-    eps: added to the std.
+    eps: added to the scale.
+    scale: 'group', 'batch' or 'none' (above).
 
   Returns:
     adv: (..., G) float32.
@@ -84,7 +100,15 @@ def group_advantages(rewards, eps=1e-6):
   var = jnp.sum(dev * dev, axis=-1, keepdims=True) / denom  # (..., 1)
   # sqrt'(0) is inf: keep zero-spread groups off it so gradients stay finite.
   std = jnp.where(zero_std, 0.0, jnp.sqrt(jnp.where(zero_std, 1.0, var)))
-  adv = jnp.where(finite & ~zero_std, dev / (std + eps), 0.0)  # (..., G)
+  if scale == 'group':
+    divisor = std + eps
+  elif scale == 'batch':
+    divisor = jnp.sqrt(jnp.sum(dev * dev) / jnp.maximum(jnp.sum(finite), 1)) + eps
+  elif scale == 'none':
+    divisor = 1.0
+  else:
+    raise ValueError(f'scale={scale!r}: expected one of {ADV_SCALES}.')
+  adv = jnp.where(finite & ~zero_std, dev / divisor, 0.0)  # (..., G)
   metrics = {
       'reward/mean': jnp.sum(r0) / jnp.maximum(jnp.sum(finite), 1),
       'reward/std': jnp.mean(std),
@@ -249,6 +273,7 @@ def make_grpo_phase(config):
   clip_eps, kl_coef = float(t.clip_eps), float(t.kl_coef)
   kl_estimator = t.get('kl_estimator', 'step')
   epochs = int(t.get('ppo_epochs', 1))
+  adv_scale = t.get('adv_scale', 'group')
 
   def phase(params, opt_state, inputs: phase_lib.PhaseInputs, update):
     b = inputs.visual.shape[0]
@@ -266,7 +291,7 @@ def make_grpo_phase(config):
     target = inputs.reward_target()  # (B,) or (B, vocab)
     target = jnp.broadcast_to(target[:, None], (b, group) + target.shape[1:])  # (B, G[, vocab])
     reward = reward_fn(out, target)  # (B, G)
-    adv, reward_metrics = group_advantages(reward)  # (B, G)
+    adv, reward_metrics = group_advantages(reward, scale=adv_scale)  # (B, G)
     mask = jnp.isfinite(reward)  # (B, G)
     old_logp = policy.log_prob(logits[:, None, :], orders, None, order_valid)  # (B, G)
     ref_logits = inputs.score(inputs.ref_params)  # (B, N)
