@@ -32,6 +32,20 @@ from gripjax.data import images
 from gripjax.data.grip_bench import scenes
 
 TASKS = scenes.TASKS
+# GRIP-Bench families (`config.data.family`): 'standard' (scenes.py, 3-6 digits) and 'dense'
+# (dense.py, 10-24 digits and 6-12 distractor shapes); both give batches of the format above.
+FAMILIES = ('standard', 'dense')
+
+
+def family(config_data) -> str:
+  """`config_data.family` (a ConfigDict, dict or object), 'standard' when it has no such field."""
+  if isinstance(config_data, dict) or hasattr(config_data, 'get'):
+    value = config_data.get('family', 'standard')
+  else:
+    value = getattr(config_data, 'family', 'standard')
+  if value not in FAMILIES:
+    raise ValueError(f'data.family must be one of {FAMILIES}, got {value!r}.')
+  return value
 
 
 def as_text(x):
@@ -230,3 +244,7 @@ def check(c) -> None:
   for f in ('num_train', 'num_validation', 'num_test', 'max_question_len'):
     config_lib.integer(c, f'data.{f}')
   config_lib.integer(c, 'data.seed', minimum=0)
+  value = c.data.get('family', 'standard')
+  if value not in FAMILIES:
+    config_lib.fail('data.family', value, f"one of {FAMILIES} ('standard': 3-6 digits per image; "
+                    "'dense': 10-24 digits and 6-12 distractor shapes, where the token budget binds)")

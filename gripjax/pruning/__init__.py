@@ -17,6 +17,10 @@ See `base.py` for the contract. Pre-LM methods only look at the context's tensor
 | fastv (LM)       | arXiv 2403.06764      | pkunlp-icler/FastV        | last token's attention after layer K = 2   |
 | pyramiddrop (LM) | arXiv 2410.17247      | Cooperx521/PyramidDrop    | staged drops, next layer's last-token row  |
 | sparsevlm (LM)   | arXiv 2410.04417      | Gumpest/SparseVLMs        | input-chosen raters' attention + recycling |
+| oracle (ref.)    | -                     | -                         | answer region first, then [CLS] attention  |
+
+`oracle` is a reference, not a baseline: it reads the answer region (a label), so it lives in
+`REFERENCE_PRUNERS`, not `METHODS`, and needs an `oracle.RegionContext`; `get` finds both.
 
 Each file's header names the released file it follows and lists its deviations from the released code
 at our geometry.
@@ -28,6 +32,7 @@ from gripjax.pruning import dart
 from gripjax.pruning import divprune
 from gripjax.pruning import fastervlm
 from gripjax.pruning import fastv
+from gripjax.pruning import oracle
 from gripjax.pruning import pyramiddrop
 from gripjax.pruning import random_prune
 from gripjax.pruning import sparsevlm
@@ -54,6 +59,12 @@ METHODS = {
     'sparsevlm': sparsevlm.prune,
 }
 
+# Reference rows that prune but read the answer region (a label no deployable pruner has); they need
+# an `oracle.RegionContext` and are not baselines.
+REFERENCE_PRUNERS = {
+    'oracle': oracle.prune,
+}
+
 # Methods that drop visual tokens inside the LM (see inlm.py); the harness calls inlm.run for them.
 IN_LM_METHODS = ('fastv', 'pyramiddrop', 'sparsevlm', 'dart')
 
@@ -64,9 +75,10 @@ def is_in_lm(name: str) -> bool:
 
 
 def get(name: str):
-  """Returns the pruner registered under `name`."""
+  """Returns the pruner registered under `name` (a baseline of METHODS or a REFERENCE_PRUNERS row)."""
   try:
-    return METHODS[name]
+    return METHODS[name] if name in METHODS else REFERENCE_PRUNERS[name]
   except (KeyError, TypeError):
+    known = sorted(METHODS) + sorted(REFERENCE_PRUNERS)
     raise ValueError(
-        f'Unknown pruning method {name!r}; known methods: {", ".join(sorted(METHODS))}.') from None
+        f'Unknown pruning method {name!r}; known methods: {", ".join(known)}.') from None

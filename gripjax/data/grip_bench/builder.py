@@ -5,9 +5,11 @@
                               data_dir='/tmp/tfds')
   len(source); source[0]['image']  # uint8 (96, 96, 3)
 
-Nothing is downloaded: the examples are rendered by `scenes.render_example`, so a dataset is fixed
-by (seed, split sizes, image_size, patch_size), all of which are in the BuilderConfig name, e.g.
-`s0_tr24000_va1000_te2000_i96_p8`; different settings live in different directories.
+Nothing is downloaded: the examples are rendered by `scenes.render_example` (family 'standard') or
+`dense.render_example` (family 'dense', `config.data.family`), so a dataset is fixed by (family,
+seed, split sizes, image_size, patch_size), all of which are in the BuilderConfig name, e.g.
+`s0_tr24000_va1000_te2000_i96_p8` (standard) or `dense_s0_tr24000_va1000_te2000_i96_p8`; different
+settings, and the two families, live in different directories.
 
 tfds prepares into `<data_dir>/grip_bench/<config>/<version>` by writing a randomly named
 `incomplete.XXXXXX_*` directory and renaming it when done, so a killed prepare leaves no half
@@ -29,14 +31,19 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gripjax.data import pipeline
+from gripjax.data.grip_bench import dense
 from gripjax.data.grip_bench import scenes
 
 _SPLIT_SIZE_FIELDS = {'train': 'num_train', 'validation': 'num_validation', 'test': 'num_test'}
+# Picklable (seed, split, index, image_size, patch_size) -> (index, features) of each family.
+_RENDER = {'standard': scenes.render_features, 'dense': dense.render_features}
 
 
 @dataclasses.dataclass(eq=False)
 class GripBenchConfig(tfds.core.BuilderConfig):
-  """What fixes a GRIP-Bench dataset: seed, split sizes, geometry."""
+  """What fixes a GRIP-Bench dataset: family, seed, split sizes, geometry."""
+  family: str = 'standard'  # pipeline.FAMILIES: which generator renders the examples.
   seed: int = 0
   num_train: int = 24000
   num_validation: int = 1000
@@ -47,16 +54,27 @@ class GripBenchConfig(tfds.core.BuilderConfig):
 
 
 def make_config(seed, num_train, num_validation, num_test, image_size=96, patch_size=8,
-                num_workers=0):
-  """Builds a GripBenchConfig whose name encodes every setting, after validating them."""
+                num_workers=0, family='standard'):
+  """Builds a GripBenchConfig whose name encodes every setting, after validating them.
+
+  The standard family keeps its historical names (`s0_tr..._p8`), so datasets prepared before the
+  dense family existed stay valid; every other family prefixes its name (`dense_s0_tr..._p8`).
+  """
+  if family not in pipeline.FAMILIES:
+    raise ValueError(f'data.family must be one of {pipeline.FAMILIES}, got {family!r}.')
   scenes.grid_size(image_size, patch_size)
+  if family == 'dense' and patch_size < 4:
+    raise ValueError(f'the dense family draws shapes inside a patch: patch_size must be >= 4, got '
+                     f'{patch_size}.')
   for name, n in (('num_train', num_train), ('num_validation', num_validation),
                   ('num_test', num_test)):
     if int(n) < 1:
       raise ValueError(f'data.{name} must be >= 1, got {n}.')
   name = (f's{seed}_tr{num_train}_va{num_validation}_te{num_test}_i{image_size}_p{patch_size}')
+  if family != 'standard':
+    name = f'{family}_{name}'
   return GripBenchConfig(
-      name=name, description='GRIP-Bench ' + name, seed=int(seed), num_train=int(num_train),
+      name=name, description='GRIP-Bench ' + name, family=family, seed=int(seed), num_train=int(num_train),
       num_validation=int(num_validation), num_test=int(num_test), image_size=int(image_size),
       patch_size=int(patch_size), num_workers=int(num_workers))
 
@@ -82,7 +100,11 @@ class ImageTensor(tfds.features.Tensor):
 
 
 class GripBench(tfds.core.GeneratorBasedBuilder):
-  """GRIP-Bench: visual questions about coloured handwritten digits over photos."""
+  """GRIP-Bench: visual questions about coloured handwritten digits over photos.
+
+  The dense family also stores `patch_object` and `patch_object_color` (N,): what object (none,
+  digit, or which distractor shape) and which colour is on each patch.
+  """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -103,16 +125,21 @@ class GripBench(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     c = self.builder_config
     s, n = c.image_size, scenes.grid_size(c.image_size, c.patch_size) ** 2
+    def per_patch():  # int32 (N,), one value per patch.
+      return tfds.features.Tensor(shape=(n,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES)
+
+    extra = {}
+    if c.family == 'dense':
+      extra = {'patch_object': per_patch(), 'patch_object_color': per_patch()}
     features = tfds.features.FeaturesDict({
+        **extra,
         'image': ImageTensor(shape=(s, s, 3)),
         'question': tfds.features.Text(),
         'answer': tfds.features.Text(),
         'task': tfds.features.Text(),
         'region': tfds.features.Tensor(shape=(None,), dtype=np.int32),
-        'patch_digit': tfds.features.Tensor(shape=(n,), dtype=np.int32,
-                                            encoding=tfds.features.Encoding.BYTES),
-        'patch_color': tfds.features.Tensor(shape=(n,), dtype=np.int32,
-                                            encoding=tfds.features.Encoding.BYTES),
+        'patch_digit': per_patch(),
+        'patch_color': per_patch(),
         'example_id': tfds.features.Scalar(dtype=np.int64),
     })
     return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features,
@@ -127,12 +154,13 @@ class GripBench(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split, num_examples):
     c = self.builder_config
     jobs = ((c.seed, split, i, c.image_size, c.patch_size) for i in range(num_examples))
+    render = _RENDER[c.family]
     pool = self._worker_pool()
     if pool is None or num_examples < 256:
-      yield from map(scenes.render_features, jobs)
+      yield from map(render, jobs)
     else:
       # Rendering runs in worker processes while tfds encodes and writes in this one.
-      yield from pool.imap(scenes.render_features, jobs, chunksize=64)
+      yield from pool.imap(render, jobs, chunksize=64)
 
   def _worker_pool(self):
     """A process pool shared by the three splits (None: render in this process)."""
@@ -166,7 +194,8 @@ def builder_for(config_data, image_size, patch_size, data_dir, num_workers=0):
   config = make_config(
       _config_value(config_data, 'seed'), _config_value(config_data, 'num_train'),
       _config_value(config_data, 'num_validation'), _config_value(config_data, 'num_test'),
-      image_size=image_size, patch_size=patch_size, num_workers=num_workers)
+      image_size=image_size, patch_size=patch_size, num_workers=num_workers,
+      family=pipeline.family(config_data))
   return GripBench(config=config, data_dir=data_dir)
 
 
@@ -205,7 +234,8 @@ def load_split(split, config_data, image_size, patch_size, data_dir, num_workers
 
   Args:
     split: 'train', 'validation' or 'test'.
-    config_data: the config's `data` section (seed, num_train, num_validation, num_test).
+    config_data: the config's `data` section (seed, num_train, num_validation, num_test, and
+      optionally family: 'standard' when absent).
     image_size, patch_size: model geometry (image_size // patch_size >= 6).
     data_dir: tfds data directory.
     num_workers: render processes while preparing (0: one per CPU).

@@ -1,0 +1,65 @@
+"""GRIP-Bench dense: the tiny VLM on crowded scenes where the token budget binds.
+
+Run it:
+
+  python -m gripjax.main --config=configs/gripbench_dense.py --mode=eval --workdir=/tmp/dense
+  python -m gripjax.main --config=configs/gripbench_dense.py --mode=pretrain_vlm --workdir=/tmp/dvlm
+
+Every field is configs/gripbench_tiny.py's (same tiny VLM geometry: 96 x 96 images, 8 x 8 patches,
+144 visual tokens), except:
+  data.family     'dense' (gripjax/data/grip_bench/dense.py: 10-24 digits and 6-12 distractor
+                  shapes, questions that need 1-4 named objects), prepared under its own tfds
+                  config name (`dense_s0_...`), never sharing files with the standard family;
+  eval.budgets    (1/2, 1/4, 1/9, 1/18, 1/36): 72, 36, 16, 8 and 4 kept tokens;
+  methods         the `oracle` reference row (answer region first, gripjax/pruning/oracle.py) in
+                  eval.methods and ablation.references;
+  pretrain        fine-tunes the shipped tiny VLM on dense with the recipe's last stage settings
+                  (launch/tiny_vlm_recipe.py 'thinned': vision tower frozen, pair grounding,
+                  position auxiliaries, half the examples with thinned background);
+  vlm_checkpoint  gripjax/assets/dense_vlm, that fine-tuned VLM (gripjax/assets/dense_vlm_metrics.json).
+  pictures        eval.picture_examples = 0: the report redraws pictures from the standard family.
+
+The shipped agent (agent.checkpoint, method 'grip') was trained on the standard family; its dense
+rows measure transfer until an agent is trained here with `--mode=train_agent`.
+`--config=configs/gripbench_dense.py:smoke` is the tiny config's smoke variant on the dense family.
+"""
+
+import importlib.util
+import os
+
+
+# Budgets of the dense benchmark: 1/36 keeps 4 tokens of 144, the most patches an answer needs.
+DENSE_BUDGETS = (1 / 2, 1 / 4, 1 / 9, 1 / 18, 1 / 36)
+
+
+def _tiny_config(arg):
+  # configs/ is not a package: load the sibling file by path, as config_flags does.
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py')
+  spec = importlib.util.spec_from_file_location('gripbench_tiny', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg=None):
+  """Returns the GRIP-Bench dense config; `arg='smoke'` is the tiny smoke variant on dense."""
+  if arg not in (None, '', 'smoke'):
+    raise ValueError(f'configs/gripbench_dense.py got arg={arg!r}: expected nothing or "smoke".')
+  c = _tiny_config(arg)
+  with c.unlocked():
+    c.data.family = 'dense'  # 'standard' (3-6 digits) or 'dense' (see gripjax/data/pipeline.py).
+  c.eval.budgets = DENSE_BUDGETS
+  methods = tuple(c.eval.methods)
+  c.eval.methods = methods[:1] + ('oracle',) + methods[1:]  # after 'full', before the baselines
+  c.eval.picture_examples = 0
+  refs = tuple(c.ablation.references)
+  c.ablation.references = refs[:1] + ('oracle',) + refs[1:]
+  if arg == 'smoke':
+    return c  # The smoke geometry trains from scratch (no checkpoint matches it).
+
+  c.vlm_checkpoint = 'gripjax/assets/dense_vlm'
+  # Fine-tuning recipe: the last stage of launch/tiny_vlm_recipe.py, from the shipped tiny VLM.
+  c.pretrain.init_from = 'gripjax/assets/tiny_vlm'
+  c.pretrain.update(vision_steps=0, lm_steps=2400, token_curriculum=0.0, lr=3e-4, pair_ground=True,
+                    spatial_weight=1.0, background_dropout=0.5)
+  return c
