@@ -30,6 +30,9 @@ What it writes (float32 throughout):
                                             (`ex{e}_chat_logits_dropped`); ids of the other TEMPLATES
                                             (`ex{e}_template_{name}_input_ids`); the image processor on
                                             PROCESSOR_CASES (`proc_{case}_pixel_values`).
+  llama_tokenizer/                          a tokenizer laid out as llava-hf's Llama one (byte fallback,
+                                            legacy normalizer, add_bos_token) and transformers' ids and
+                                            decodes for it (cases.json); see make_llama_tokenizer.
   tokenizer_cases.json                      transformers' ids for TOKENIZER_TEXTS (with and without
                                             special tokens) and its decodes (with and without
                                             skip_special_tokens).
@@ -47,7 +50,7 @@ from PIL import Image
 import skimage.data
 import torch
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 import transformers
 
 SENTENCES = [
@@ -111,6 +114,63 @@ def make_tokenizer(out):
                                               extra_special_tokens={'image_token': '<image>'})
   fast.save_pretrained(out)
   return transformers.AutoTokenizer.from_pretrained(out)
+
+
+def make_llama_tokenizer(out):
+  """A Llama-layout tokenizer (as llava-hf/llava-1.5-7b-hf ships it) and transformers' ids for it.
+
+  tokenizer.json as transformers 4 converted Llama's sentencepiece model: byte-fallback BPE with the
+  256 byte tokens after <unk> <s> </s>, the legacy normalizer (prepend '\u2581', spaces to '\u2581'),
+  no pre-tokenizer; <image> and <pad> added after the vocabulary. tokenizer_config.json names
+  tokenizer_class LlamaTokenizer with legacy false and add_bos_token true, and config.json has
+  model_type llava (and only the image_token_index): AutoTokenizer then loads tokenizer.json as it is
+  (TokenizersBackend: llava is among transformers 5's MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS) and
+  rebuilds only the post-processor from add_bos_token. cases.json: ids with and without special
+  tokens, decodes with and without skip_special_tokens.
+  """
+  os.makedirs(out, exist_ok=True)
+  tok = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend('\u2581'), normalizers.Replace(' ', '\u2581')])
+  trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=['<unk>', '<s>', '</s>'])
+  tok.train_from_iterator(SENTENCES, trainer)
+  spec = json.loads(tok.to_str())
+  pieces = sorted(((i, t) for t, i in spec['model']['vocab'].items() if i >= 3))
+  vocab = {'<unk>': 0, '<s>': 1, '</s>': 2}
+  vocab.update({f'<0x{b:02X}>': 3 + b for b in range(256)})
+  vocab.update({t: 259 + k for k, (_, t) in enumerate(pieces)})
+  spec['model']['vocab'] = vocab
+  spec['pre_tokenizer'] = None
+  spec['decoder'] = json.loads(decoders.Sequence([
+      decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse(),
+      decoders.Strip(content=' ', left=1)]).__getstate__())
+  tok = Tokenizer.from_str(json.dumps(spec))
+  tok.add_special_tokens(['<image>', '<pad>'])
+  tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
+                                                      special_tokens=[('<s>', 1)])
+  tok.save(os.path.join(out, 'tokenizer.json'))
+  image_id, pad_id = tok.token_to_id('<image>'), tok.token_to_id('<pad>')
+  added = {str(i): {'content': t, 'lstrip': False, 'normalized': False, 'rstrip': False, 'single_word': False,
+                    'special': True} for t, i in (('<unk>', 0), ('<s>', 1), ('</s>', 2), ('<image>', image_id),
+                                                  ('<pad>', pad_id))}
+  with open(os.path.join(out, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'add_bos_token': True, 'add_eos_token': False, 'added_tokens_decoder': added, 'bos_token': '<s>',
+               'clean_up_tokenization_spaces': False, 'eos_token': '</s>', 'legacy': False,
+               'model_max_length': 4096, 'pad_token': '<pad>', 'padding_side': 'left',
+               'tokenizer_class': 'LlamaTokenizer', 'unk_token': '<unk>'}, f, indent=2)
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    json.dump({'model_type': 'llava', 'image_token_index': image_id}, f, indent=2)
+  hf = transformers.AutoTokenizer.from_pretrained(out)
+  assert type(hf).__name__ == 'TokenizersBackend', type(hf)
+  texts = list(TOKENIZER_TEXTS) + [t.replace('<image>', '<image>' * 4).format(question='What color is the cat?')
+                                   for t in [CHAT_TEMPLATE] + list(TEMPLATES.values())]
+  cases = []
+  for text in texts:
+    ids = hf(text)['input_ids']
+    cases.append({'text': text, 'ids': ids, 'ids_plain': hf(text, add_special_tokens=False)['input_ids'],
+                  'decoded': hf.decode(ids),
+                  'decoded_skip': hf.decode(ids, skip_special_tokens=True)})
+  with open(os.path.join(out, 'cases.json'), 'w') as f:
+    json.dump(cases, f, indent=1)
 
 
 def processor_input(name, image_name):
@@ -277,6 +337,7 @@ def main():
                                    for name, image_name, how, overrides in PROCESSOR_CASES],
                'max_new_tokens': MAX_NEW_TOKENS, 'transformers': transformers.__version__,
                'torch': torch.__version__}, f, indent=2)
+  make_llama_tokenizer(os.path.join(out, 'llama_tokenizer'))
   print('wrote', out, sorted(os.listdir(out)))
 
 
