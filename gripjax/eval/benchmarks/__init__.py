@@ -11,6 +11,7 @@ from gripjax.eval.benchmarks import mme
 from gripjax.eval.benchmarks import ocrbench
 from gripjax.eval.benchmarks import pope
 from gripjax.eval.benchmarks import scienceqa_img
+from gripjax.eval.benchmarks import textvqa
 
 BENCHMARKS = {
     'pope': pope,
@@ -18,6 +19,8 @@ BENCHMARKS = {
     'scienceqa_img': scienceqa_img,
     'ai2d': ai2d,
     'ocrbench': ocrbench,
+    'textvqa': textvqa,
+    'textvqa_ocr': textvqa.WITH_OCR,  # The prompt with the OCR token hint (LLaVA-1.5's TextVQA eval).
 }
 
 
