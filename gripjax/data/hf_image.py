@@ -115,6 +115,36 @@ class ImageProcessorConfig:
                rescale_factor=float(d.get('rescale_factor', 1 / 255)),
                do_normalize=bool(d.get('do_normalize', True)), image_mean=mean, image_std=std)
 
+  def to_section(self) -> dict:
+    """The fields as a config section (configs/llava_hf.py's hf.image): tuples, no None
+    (shortest_edge 0 and resize_hw () stand for None)."""
+    d = dataclasses.asdict(self)
+    d['shortest_edge'] = d['shortest_edge'] or 0
+    d['resize_hw'] = tuple(d['resize_hw'] or ())
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+  @classmethod
+  def from_section(cls, section) -> 'ImageProcessorConfig':
+    """The inverse of `to_section` (a ConfigDict or dict); errors name a field it lacks or a bad one."""
+    d = dict(section)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if missing or unknown:
+      raise ImageConfigError(f'image processor section with missing fields {missing} and unknown fields '
+                             f'{unknown}: expected exactly {[f.name for f in dataclasses.fields(cls)]}.')
+    d['shortest_edge'] = d['shortest_edge'] or None
+    d['resize_hw'] = tuple(d['resize_hw']) or None
+    d['crop_hw'] = tuple(d['crop_hw'])
+    d['image_mean'], d['image_std'] = tuple(d['image_mean']), tuple(d['image_std'])
+    if d['shortest_edge'] is None and (d['resize_hw'] is None or len(d['resize_hw']) != 2):
+      raise ImageConfigError(f'shortest_edge=0 and resize_hw={d["resize_hw"]}: expected a shortest edge '
+                             'or a (height, width) resize.')
+    if len(d['crop_hw']) != 2:
+      raise ImageConfigError(f'crop_hw={d["crop_hw"]}: expected (height, width).')
+    if d['resample'] not in RESAMPLE:
+      raise ImageConfigError(f'resample={d["resample"]!r}: expected one of PIL\'s filters {RESAMPLE}.')
+    return cls(**d)
+
   @classmethod
   def load(cls, path: str) -> 'ImageProcessorConfig':
     """From a checkpoint directory: processor_config.json's image_processor, else

@@ -44,6 +44,10 @@ import numpy as np
 import tokenizers
 from tokenizers import processors
 
+from gripjax import config_lib
+from gripjax.data import hf_image
+from gripjax.models import hf_llava
+
 TOKENIZER_FILE = 'tokenizer.json'
 TOKENIZER_CONFIG = 'tokenizer_config.json'
 SPECIAL_TOKENS_MAP = 'special_tokens_map.json'
@@ -282,3 +286,64 @@ def batch_prompts(prompts: Sequence[Prompt], prefix_len: int, suffix_len: int, p
         valid[b, length - len(row):] = True
     out += [ids, valid]
   return tuple(out)
+
+
+# --- Config (configs/llava_hf.py's `hf` section). ------------------------------------------------
+
+DATA_FORMATS = ('benchmark', 'jsonl', 'llava_json')  # How config.hf.data_path is read.
+NULLABLE_FIELDS = ('tokenizer', 'benchmark', 'data_path')  # Fields of config.hf that may be None.
+
+
+def check(config) -> None:
+  """Start-up check of `config.hf` (configs/llava_hf.py); a config without that section passes.
+
+  Checks that the checkpoint's tokenizer loads and has an image token, that the template holds its
+  fields and `text_len` fits `model.llm.max_len` beside the template's prefix and the image, that
+  the image processor fields build a processor whose rescale and normalization equal the tower's
+  (`model.vit.image_mean / image_std`) and whose output is `model.vit.image_size` square, and the
+  evaluation data fields. Raises config_lib.ConfigError naming the field.
+  """
+  if 'hf' not in config:
+    return
+  cl = config_lib
+  hf = config.hf
+  for field in NULLABLE_FIELDS:  # The command line's 'None' for a str field.
+    if isinstance(hf[field], str) and hf[field].strip() in ('None', 'none', ''):
+      hf[field] = None
+  path = cl.resolve_path(hf.checkpoint)
+  if not path or not os.path.isdir(path):
+    cl.fail('hf.checkpoint', hf.checkpoint, 'an HF LLaVA checkpoint directory (config.json, tokenizer.json, '
+            'processor or preprocessor config, safetensors)')
+  try:
+    tok = HFTokenizer.load(cl.resolve_path(hf.tokenizer) if hf.tokenizer else path)
+  except (TokenizerError, ValueError) as e:
+    cl.fail('hf.tokenizer', hf.tokenizer, f'a directory whose tokenizer loads ({e})')
+  if tok.image_token_id is None or tok.image_token_id != config.model.image_token_id:
+    cl.fail('model.image_token_id', config.model.image_token_id,
+            f'the tokenizer\'s image token id ({tok.image_token!r}: {tok.image_token_id})')
+  try:
+    check_template(hf.template, 'config.hf.template')
+  except TokenizerError as e:
+    raise cl.ConfigError(str(e)) from None
+  cl.integer(config, 'hf.text_len')
+  n = hf_llava.num_image_tokens(config.model)
+  prefix = build_prompt(tok, '', n, hf.template).prefix_ids
+  if len(prefix) + n + hf.text_len > config.model.llm.max_len:
+    cl.fail('hf.text_len', hf.text_len, f'at most model.llm.max_len={config.model.llm.max_len} - '
+            f'{len(prefix)} prefix tokens - {n} image tokens')
+  try:
+    image = hf_image.ImageProcessorConfig.from_section(hf.image)
+    stats = hf_image.tower_stats(image)
+  except (hf_image.ImageConfigError, TypeError, ValueError) as e:
+    raise cl.ConfigError(f'config.hf.image is invalid: {e}') from None
+  vit = config.model.vit
+  if not np.allclose(stats, (tuple(vit.image_mean), tuple(vit.image_std)), rtol=0, atol=1e-7):
+    cl.fail('model.vit.image_mean', (tuple(vit.image_mean), tuple(vit.image_std)),
+            f'the image processor\'s (mean, std) as the tower applies them: {stats}')
+  size = vit.image_size
+  if hf_image.ImageProcessor(image).output_hw != (size, size):
+    cl.fail('hf.image.crop_hw', hf.image.crop_hw, f'the tower\'s input ({size}, {size}) with do_center_crop')
+  cl.choice(config, 'hf.data_format', DATA_FORMATS)
+  if hf.data_format != 'benchmark' and hf.benchmark is not None:
+    cl.fail('hf.data_format', hf.data_format, f"'benchmark' when hf.benchmark={hf.benchmark!r} is set")
+

@@ -5,6 +5,7 @@
   metrics = benchmarks.score('pope', ds, preds)
 """
 
+from gripjax import config_lib
 from gripjax.data import user_data
 from gripjax.eval.benchmarks import ai2d
 from gripjax.eval.benchmarks import mme
@@ -22,6 +23,13 @@ BENCHMARKS = {
     'textvqa': textvqa,
     'textvqa_ocr': textvqa.WITH_OCR,  # The prompt with the OCR token hint (LLaVA-1.5's TextVQA eval).
 }
+
+
+def check(config) -> None:
+  """Start-up check of `config.hf.benchmark` (configs/llava_hf.py): None or a name of BENCHMARKS."""
+  name = config.hf.benchmark if 'hf' in config else None
+  if name not in (None, 'None', 'none', '') and name not in BENCHMARKS:
+    config_lib.fail('hf.benchmark', name, f'None or one of {sorted(BENCHMARKS)}')
 
 
 def _module(name):
