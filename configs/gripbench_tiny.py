@@ -161,9 +161,12 @@ def get_config(arg=None):
   c.train.warmup_top = 16  # ListMLE fits the teacher's top-m order, m = min(this, N).
   c.train.warmup_kl_coef = 0.0  # Weight of KL(teacher softmax || scorer softmax) added to ListMLE.
   c.train.loo_chunk = 16  # 'loo' teacher: leave-one-out forwards run this many tokens at a time.
-  c.train.algorithm = 'grpo'  # After the warm-up: 'grpo' (the agent) or 'relaxation' (straight-through top-k baseline).
+  c.train.algorithm = 'grpo'  # After the warm-up: 'grpo' (the agent), or a relaxation baseline: 'relaxation' (straight-through top-k), 'gumbel_sigmoid' (gates + budget penalty), 'perturbed_topk' (perturbed optimizers).
   c.train.relax_tau = 0.5  # 'relaxation': temperature of the relaxed top-k behind the straight-through mask.
-  c.train.relax_samples = ml_collections.FieldReference(None, field_type=int)  # 'relaxation': keep-sets per example per step; None: train.group_size (GRPO's VLM forwards per example).
+  c.train.relax_samples = ml_collections.FieldReference(None, field_type=int)  # Every relaxation: masks per example per step; None: train.group_size (GRPO's VLM forwards per example).
+  c.train.relax_gate_tau = 1.0  # 'gumbel_sigmoid': temperature of the relaxed Bernoulli gates (the backward pass).
+  c.train.relax_budget_weight = 2.0  # 'gumbel_sigmoid': lambda of the keep-ratio penalty lambda (mean gate - k/N)^2 (DynamicViT's 2).
+  c.train.relax_perturb_sigma = 1.0  # 'perturbed_topk': scale of the Gaussian perturbation of the logits.
   c.train.log_every = 10  # Steps between metrics lines (WORKDIR/metrics.jsonl).
   c.train.val_examples = 128  # First validation examples of the validation curve (0: none), logged every log_every steps.
   c.train.val_budgets = (1 / 9, 1 / 18)  # Keep ratios of the validation curve (greedy keep-sets).

@@ -13,7 +13,21 @@ chosen from ablations is chosen there, and the test split stays untouched) at ev
   grpo_only      GRPO from a random scorer (no warm-up);
   relaxation     the same scorer trained by backpropagating the answer loss through the frozen VLM
                  with a straight-through top-k mask (`train.algorithm='relaxation'`);
+  gumbel_sigmoid the same, through straight-through Gumbel-sigmoid gates on the scorer's logits with
+                 a keep-ratio penalty (DynamicViT, Dynamic-LLaVA; `train.algorithm='gumbel_sigmoid'`);
+  perturbed_topk the same, through a top-k differentiated by perturbed optimizers (Berthet et al.
+                 2020; `train.algorithm='perturbed_topk'`);
   per_budget     one agent per budget, trained at that keep ratio only and evaluated there.
+
+The learned variants are compared at equal cost: every variant that runs a second phase
+(budget_aware, grpo_only, the three relaxations, per_budget) is trained for the same
+`ablation.train_steps` steps (`ablation.warmup_steps` of them the same warm-up, except grpo_only)
+on the same data and seed, and each of its second-phase steps runs `train.group_size` frozen-VLM
+forwards per example: GRPO's G rollouts, a relaxation's S masks (`train.relax_samples`, whose
+default None means `train.group_size`; see rl/relaxation.py). A relaxation's forward spans all N
+visual slots (dropped ones weighted 0), a GRPO rollout only the k_max gathered ones. warmup_only
+stops after its warm-up steps by design. Every variant is evaluated the same way, as the top-
+ceil(rho N) ranker of the scorer's logits (`grip`).
 
 The methods of `config.ablation.references` (`full` and the baselines) are evaluated on the same
 examples and budgets, so the summary compares the variants with them directly.
@@ -40,7 +54,10 @@ from gripjax import runtime
 from gripjax.eval import evaluate
 from gripjax.train import trainer
 
-VARIANTS = ('budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'per_budget')
+VARIANTS = ('budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'gumbel_sigmoid',
+            'perturbed_topk', 'per_budget')
+# Variants trained by a relaxation baseline; each is its own `train.algorithm` (step.SECOND_PHASES).
+RELAXATION_VARIANTS = ('relaxation', 'gumbel_sigmoid', 'perturbed_topk')
 
 
 def check_variants(variants) -> tuple[str, ...]:
@@ -93,8 +110,8 @@ def variant_configs(config, variant: str, seed: int, data_dir: str):
   if variant == 'grpo_only':
     base.train.warmup_steps = 0
     return [(budgets, base)]
-  if variant == 'relaxation':
-    base.train.algorithm = 'relaxation'
+  if variant in RELAXATION_VARIANTS:
+    base.train.algorithm = variant
     return [(budgets, base)]
   out = []
   for rho in budgets:  # per_budget

@@ -121,6 +121,8 @@ def check(config) -> None:
 SECOND_PHASES = {
     'grpo': grpo.make_grpo_phase,
     'relaxation': relaxation.make_straight_through_phase,
+    'gumbel_sigmoid': relaxation.make_gumbel_sigmoid_phase,
+    'perturbed_topk': relaxation.make_perturbed_topk_phase,
 }
 
 
