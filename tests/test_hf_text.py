@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from tokenizers import models, pre_tokenizers
 
 from gripjax.data import hf_image
 from gripjax.data import hf_tokenizer
+from gripjax.models import hf_llava
 from gripjax.models import vit
+from gripjax.models import vlm as vlm_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'hf_llava_tiny')
@@ -278,3 +281,26 @@ def test_llava_hf_preprocessor_config(tmp_path):
     hf_image.ImageProcessorConfig.from_dict({'size': {'shortest_edge': 10, 'longest_edge': 20}})
   with pytest.raises(hf_image.ImageConfigError, match=r'has no image processor config'):
     hf_image.ImageProcessor.load(str(tmp_path / 'absent'))
+
+
+# --- Together. -----------------------------------------------------------------------------------
+
+def test_raw_image_and_question_reach_transformers_logits():
+  # From the skimage image and the question text (not the fixture's ids or pixel_values), through the
+  # tokenizer, the `<image>\n{question}` prompt ([bos][visual][text]) and the image processor.
+  cfg = hf_llava.model_config(FIXTURE)
+  model = vlm_lib.make_vlm(cfg)
+  params = {'params': hf_llava.load_params(FIXTURE, cfg)}
+  tok = hf_tokenizer.HFTokenizer.load(FIXTURE)
+  proc = hf_image.ImageProcessor.load(FIXTURE)
+  name, question = examples()['examples'][0]
+  p = hf_tokenizer.build_prompt(tok, question, hf_llava.num_image_tokens(cfg), '<image>\n{question}')
+  assert p.prefix_ids.tolist() == [tok.bos_id]
+  pixels = jnp.asarray(proc(getattr(skimage.data, name)()))[None]  # (1, 32, 32, 3) uint8
+  n = p.num_image_tokens
+  with jax.default_matmul_precision('highest'):
+    visual, _ = model.apply(params, pixels, method='encode_image')
+    text = jnp.asarray(p.suffix_ids)[None]
+    logits = model.apply(params, visual, jnp.arange(n)[None], jnp.ones((1, n), bool), text,
+                         jnp.ones_like(text, bool), 'keep', method='forward')
+  np.testing.assert_allclose(logits[0], outputs()['ex0_logits'], atol=1e-4, rtol=0)
