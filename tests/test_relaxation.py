@@ -11,6 +11,7 @@ from scipy import special, stats
 
 from gripjax import checks
 from gripjax import config_lib
+from gripjax.eval import ablations
 from gripjax.models import scorer as scorer_lib
 from gripjax.rl import phase as phase_lib
 from gripjax.rl import policy
@@ -359,3 +360,19 @@ def test_relaxation_learns_the_useful_tokens_on_a_toy_vlm(algorithm):
   np.testing.assert_array_equal(top, np.sort(np.asarray(TOY_GOOD), axis=-1))
   losses = np.asarray(losses)
   assert losses[-20:].mean() < losses[:20].mean() - 0.1, (losses[:20].mean(), losses[-20:].mean())
+
+
+def test_relaxation_ablation_variants_train_like_grpo():
+  """Each relaxation variant trains its own algorithm for the GRPO agent's steps and warm-up, with
+  as many VLM forwards per example (S = G) as GRPO's rollouts."""
+  config = tiny_config()
+  (_, grpo_run), = ablations.variant_configs(config, 'budget_aware', 0, '/data')
+  assert grpo_run.train.algorithm == 'grpo'
+  for variant in ablations.RELAXATION_VARIANTS:
+    assert variant in ablations.VARIANTS
+    (budgets, run), = ablations.variant_configs(config, variant, 0, '/data')
+    assert run.train.algorithm == variant and variant in step_lib.SECOND_PHASES
+    assert budgets == ablations.pruned_budgets(config)
+    assert (run.train.steps, run.train.warmup_steps) == (grpo_run.train.steps,
+                                                          grpo_run.train.warmup_steps)
+    assert relaxation.relax_samples(run) == grpo_run.train.group_size
