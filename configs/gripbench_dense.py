@@ -60,6 +60,6 @@ def get_config(arg=None):
   c.vlm_checkpoint = 'gripjax/assets/dense_vlm'
   # Fine-tuning recipe: the last stage of launch/tiny_vlm_recipe.py, from the shipped tiny VLM.
   c.pretrain.init_from = 'gripjax/assets/tiny_vlm'
-  c.pretrain.update(vision_steps=0, lm_steps=2400, token_curriculum=0.0, lr=3e-4, pair_ground=True,
+  c.pretrain.update(vision_steps=0, lm_steps=1600, token_curriculum=0.0, lr=3e-4, pair_ground=True,
                     spatial_weight=1.0, background_dropout=0.5)
   return c

@@ -190,6 +190,14 @@ def test_bad_family_is_refused():
   assert pipeline.family({}) == 'standard'
 
 
+def test_dense_refuses_a_vision_stage_whose_count_head_is_too_small():
+  config = helpers.load_config('gripbench_dense')
+  config.pretrain.vision_steps = 10  # 12 x 12 dense scenes hold up to 24 digits; the head counts 6.
+  with pytest.raises(config_lib.ConfigError, match='pretrain.vision_steps=10.*up to 24 digits'):
+    pipeline.check(config)
+  pipeline.check(helpers.load_config('gripbench_dense', 'smoke'))  # 6 x 6: at most 6 digits
+
+
 def test_dense_config_validates_and_keeps_the_tiny_geometry():
   for arg in ('', ':smoke'):
     r = subprocess.run([sys.executable, '-m', 'gripjax.main',

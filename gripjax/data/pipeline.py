@@ -29,6 +29,7 @@ import numpy as np
 
 from gripjax import config_lib
 from gripjax.data import images
+from gripjax.data.grip_bench import dense
 from gripjax.data.grip_bench import scenes
 
 TASKS = scenes.TASKS
@@ -248,3 +249,14 @@ def check(c) -> None:
   if value not in FAMILIES:
     config_lib.fail('data.family', value, f"one of {FAMILIES} ('standard': 3-6 digits per image; "
                     "'dense': 10-24 digits and 6-12 distractor shapes, where the token budget binds)")
+  if value == 'dense' and 'pretrain' in c and 'model' in c and c.pretrain.vision_steps > 0:
+    # Stage 1's image-level count head has classes 0..scenes.MAX_DIGITS (runtime.max_objects).
+    vit = c.model.vit
+    most = dense.object_counts(vit.image_size // vit.patch_size)[1]
+    if most > scenes.MAX_DIGITS:
+      config_lib.fail('pretrain.vision_steps', c.pretrain.vision_steps,
+                      f'0 with data.family=dense at {vit.image_size // vit.patch_size}x'
+                      f'{vit.image_size // vit.patch_size} patches: its scenes hold up to {most} '
+                      f'digits, more than the {scenes.MAX_DIGITS} the stage-1 count head has '
+                      'classes for (fine-tune stage 2 from a trained VLM instead: '
+                      'pretrain.init_from)')
