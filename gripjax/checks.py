@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from gripjax import config_lib
 from gripjax import demo
+from gripjax.data import hf_tokenizer
 from gripjax.data import pipeline
 from gripjax.data import tokenizer
 from gripjax.eval import ablations
+from gripjax.eval import benchmarks
 from gripjax.eval import evaluate
 from gripjax.models import vlm
 from gripjax.rl import relaxation
@@ -23,8 +25,8 @@ from gripjax.train import sharding
 from gripjax.train import step
 
 # In order: the model first (later checks read its geometry), then data, training, evaluation.
-CHECKS = (vlm.check, pipeline.check, tokenizer.check, pretrain.check, step.check, relaxation.check,
-          evaluate.check, ablations.check, demo.check)
+CHECKS = (vlm.check, pipeline.check, tokenizer.check, hf_tokenizer.check, pretrain.check, step.check,
+          relaxation.check, evaluate.check, benchmarks.check, ablations.check, demo.check)
 
 
 def check_config(config, num_devices: int | None = None):
