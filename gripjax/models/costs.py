@@ -1,5 +1,6 @@
 """Analytic costs of the VLM and the agent: FLOPs of the vision tower, the scorer, the LM prefill and
-decoded tokens, and KV-cache bytes. The pruners' own selection costs are in `gripjax.pruning.costs`.
+decoded tokens, and KV-cache bytes. The pruners' own selection costs (and the prefill of an eval row,
+LM + selection) are in `gripjax.pruning.selection_costs`.
 
 Counts multiply-adds as 2 FLOPs, for matmuls only (norms, softmax and RoPE are lower order).
 Attention is counted over the full (causal, unmasked-square) score matrix, as the explicit attention
@@ -37,6 +38,17 @@ def llm_layer_flops(config, length: int, context: int | None = None) -> int:
   mlp = 2 * length * d * f * 3  # gate, up, down
   attn = 2 * 2 * length * context * d  # scores and weighted values, all heads
   return proj + mlp + attn
+
+
+def attention_probs_flops(config, length: int) -> int:
+  """FLOPs of one decoder layer's attention probabilities alone over `length` tokens: the q and k
+  projections and the (length, length) score matrix of all heads. What a pass run only to read the
+  attention costs (its values, output projection and MLP feed nothing, so XLA drops them); the same
+  terms as `llm_layer_flops`."""
+  d, hd, kvh, _, _, _ = _llm_dims(config)
+  if isinstance(length, bool) or int(length) != length or length < 0:
+    raise ValueError(f'length={length!r}: expected a non-negative int.')
+  return 2 * length * d * (d + kvh * hd) + 2 * length * length * d
 
 
 def prefill_flops(config, kept_tokens: int, text_len: int, vocab_size: int | None = None) -> int:
