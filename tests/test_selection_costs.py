@@ -15,6 +15,7 @@ import pytest
 
 from gripjax import pruning
 from gripjax.eval import evaluate
+from gripjax.eval import report
 from gripjax.models import costs
 from gripjax.pruning import base
 from gripjax.pruning import selection_costs as sc
@@ -215,3 +216,15 @@ def test_every_method_has_a_selection_count(config):
 def test_bad_arguments(config, call, match):
   with pytest.raises(ValueError, match=match):
     call(config)
+
+
+def test_report_shows_selection_and_the_vision_tower_once():
+  row = {'method': 'grip', 'budget': 0.25, 'position_mode': 'keep', 'kept_tokens': 4, 'accuracy': 0.5,
+         'n': 8, 'per_task': {}, 'region_recall': None, 'prefill_flops': 178_729_000,
+         'selection_flops': 20_649_000, 'prefill_seconds': 0.0031, 'vision_flops': 114_066_432,
+         'vision_seconds': 0.0074}
+  lines = report.table([row, dict(row, method='full', selection_flops=0, prefill_seconds=None)]).splitlines()
+  assert lines[0].endswith('| GFLOPs prefill | GFLOPs selection | ms prefill |')
+  assert lines[2].endswith('| 0.179 | 0.021 | 3.100 |') and lines[3].endswith('| 0.179 | 0.000 | - |')
+  assert report.vision_line([row]).endswith(': 0.114 GFLOPs, 7.400 ms per example.')
+  assert report.vision_line([{'method': 'full'}]) is None  # rows written before the field existed

@@ -32,6 +32,7 @@ from gripjax.pruning import base
 from gripjax.pruning import inlm
 from gripjax.pruning import grip
 from gripjax.pruning import oracle
+from gripjax.pruning import selection_costs
 
 POSITION_MODES = ('keep', 'renumber')
 
@@ -229,20 +230,29 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   bar = tqdm(total=len(jobs) * -(-total // config.eval.batch_size), desc='eval',
              disable=not progress, mininterval=2.0)
   pictures = config.eval.picture_examples
+  # Every clock covers one piece of work only: its inputs are ready before it starts (JAX dispatches
+  # asynchronously, so otherwise the first job of a batch would also wait for the vision tower) and
+  # its outputs are ready before it stops.
+  flags = jax.block_until_ready({mode: jnp.asarray(mode == 'renumber') for mode in POSITION_MODES})
+  jax.block_until_ready(params)
+  vision_seconds = []
   for i, batch in enumerate(batches):
     valid = batch['valid']
-    arrays = {key: jnp.asarray(v) for key, v in batch.items() if key != 'valid'}
-    enc = encode(params, arrays)
+    arrays = jax.block_until_ready({key: jnp.asarray(v) for key, v in batch.items() if key != 'valid'})
+    t0 = time.perf_counter()
+    enc = jax.block_until_ready(encode(params, arrays))  # The vision tower, timed once per batch.
+    vision_seconds.append(time.perf_counter() - t0)
     tasks.append(batch['task_id'][valid])
-    rng = jax.random.PRNGKey(config.seed * 100003 + i)
+    rng = jax.block_until_ready(jax.random.PRNGKey(config.seed * 100003 + i))
     perm = jnp.asarray(awareness.swap_permutation(valid))
     for job in jobs:
-      t0 = time.time()
-      renumber = np.asarray(job[2] == 'renumber')
-      c, r, index = steps[step_of[job]](params, enc, arrays, rng, renumber)
+      renumber = flags[job[2]]
+      t0 = time.perf_counter()
+      c, r, index = jax.block_until_ready(steps[step_of[job]](params, enc, arrays, rng, renumber))
+      seconds = time.perf_counter() - t0
       c = np.asarray(c)
-      results[job]['seconds'] += time.time() - t0
-      results[job]['batch_seconds'].append(time.time() - t0)
+      results[job]['seconds'] += seconds
+      results[job]['batch_seconds'].append(seconds)
       if i == 0 and pictures:  # Kept patches of the first examples, for the report's pictures.
         results[job]['example_kept'] = _kept_lists(job[0], np.asarray(index), n,
                                                    min(pictures, int(valid.sum())))
@@ -257,10 +267,14 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   tasks = np.concatenate(tasks)
   question_len = config.data.max_question_len
   vlm_vocab = runtime.vocab_size(config, tokenizer)
+  # The vision tower and projector (`encode`), shared by every row and in none of its prefill columns.
+  vision = {'vision_flops': costs.vision_flops(config, costs.vision_feature_layers(config)),
+            'vision_seconds': _prefill_seconds(vision_seconds, config.eval.batch_size)}
   rows = []
   for job in jobs:
     method, rho, mode = job
     k = kept[job]
+    flops = selection_costs.row_flops(config, method, k, question_len, vlm_vocab)
     correct = np.concatenate(results[job]['correct'])
     recall = np.concatenate(results[job]['recall'])
     per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(scenes.TASKS)
@@ -269,17 +283,19 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         'method': method, 'budget': rho, 'position_mode': mode, 'kept_tokens': k, 'split': split,
         'accuracy': float(correct.mean()), 'n': int(correct.size), 'per_task': per_task,
         'region_recall': float(np.nanmean(recall)) if np.any(np.isfinite(recall)) else None,
-        'prefill_flops': (inlm.inlm_prefill_flops(config, method, k, question_len, vlm_vocab)
-                          if pruning.is_in_lm(method) else
-                          costs.prefill_flops(config, k, question_len, vlm_vocab)),
+        # LM prefill on what is kept (in-LM methods: every layer at its length) + selection_flops,
+        # what the method itself runs to choose its tokens (scorer, DPP, clustering, attention reads).
+        'prefill_flops': flops['prefill_flops'], 'selection_flops': flops['selection_flops'],
         'kv_cache_bytes': (inlm.inlm_kv_cache_bytes(config, method, k, question_len)
                            if pruning.is_in_lm(method) else
                            costs.kv_cache_bytes(config, k, question_len)),
         # Time of the pruner plus the LM on this machine, with the compile where this job paid it (the
         # first position mode of a method and budget: the modes share one compiled function).
         'seconds': round(results[job]['seconds'], 3),
-        # Per example: median batch time (pruner + LM prefill) after the first, compiling, batch.
+        # Per example: median batch time (pruner + LM prefill, inputs ready before the clock starts)
+        # after the first, compiling, batch.
         'prefill_seconds': _prefill_seconds(results[job]['batch_seconds'], config.eval.batch_size),
+        **vision,
     })
     if 'swap' in results[job]:  # See gripjax/eval/awareness.py.
       rows[-1]['question_swap_accuracy'] = float(np.concatenate(results[job]['swap']).mean())
@@ -335,5 +351,6 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   os.replace(tmp, results_path)
   report_path = report_lib.write_report(results_path, out_dir)
   print(report_lib.table(rows))
+  print(report_lib.vision_line(rows) or '')
   print(f'\nresults: {results_path}\nreport:  {report_path}')
   return rows

@@ -11,18 +11,42 @@ def _fmt(x, digits=1):
   return '-' if x is None else f'{100 * x:.{digits}f}'
 
 
+def _gflops(x):
+  return '-' if x is None else f'{x / 1e9:.3f}'
+
+
+def _ms(seconds):
+  return '-' if seconds is None else f'{1e3 * seconds:.3f}'
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-  """A Markdown table: one line per row of results.json."""
+  """A Markdown table: one line per row of results.json.
+
+  `GFLOPs prefill` is the LM prefill plus the method's own selection work, which `GFLOPs selection`
+  shows alone; `ms prefill` is the measured time per example of the method and the LM (the vision
+  tower, shared by every row, is in none of these columns: see `vision_line`).
+  """
   tasks = sorted({t for r in rows for t in r['per_task']})
-  head = ['method', 'mode', 'budget', 'kept', 'accuracy %', 'region recall %'] + tasks + ['GFLOPs prefill']
+  head = (['method', 'mode', 'budget', 'kept', 'accuracy %', 'region recall %'] + tasks +
+          ['GFLOPs prefill', 'GFLOPs selection', 'ms prefill'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     cells = [r['method'], r['position_mode'], f"{r['budget']:.3g}", str(r['kept_tokens']),
              _fmt(r['accuracy']), _fmt(r['region_recall'])]
     cells += [_fmt(r['per_task'].get(t)) for t in tasks]
-    cells.append(f"{r['prefill_flops'] / 1e9:.3f}")
+    cells += [_gflops(r['prefill_flops']), _gflops(r.get('selection_flops')), _ms(r.get('prefill_seconds'))]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def vision_line(rows: list[dict[str, Any]]) -> str | None:
+  """One line on the vision tower (+ projector), run once per batch and shared by every row; None
+  when the rows do not carry it."""
+  row = next((r for r in rows if r.get('vision_flops') is not None), None)
+  if row is None:
+    return None
+  return (f"Vision tower + projector, shared by every row and in none of the prefill columns: "
+          f"{_gflops(row['vision_flops'])} GFLOPs, {_ms(row.get('vision_seconds'))} ms per example.")
 
 
 def _pyplot():
@@ -208,6 +232,8 @@ def write_report(results_path: str, out_dir: str) -> str:
   lines = ['# GRIP-Bench evaluation', '',
            f'Made from `{os.path.basename(results_path)}` ({len(rows)} rows).', '',
            table(rows), '']
+  if vision_line(rows):
+    lines += [vision_line(rows), '']
   plots = (
       (plot_frontier, 'frontier.png', 'accuracy vs kept tokens'),
       (plot_time_frontier, 'time_frontier.png', 'accuracy vs measured prefill time (keep mode)'),
