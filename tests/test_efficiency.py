@@ -8,6 +8,10 @@ depth 2, 2 query heads and 1 KV head (Dh = 16), MLP 64. The vocabulary is passed
 """
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ import pytest
 from gripjax.models import costs
 from gripjax.models import vlm as vlm_lib
 from tests.helpers import load_config
+from tests.helpers import ROOT
 
 V = 60
 
@@ -36,6 +41,15 @@ def test_prefill_flops(config):
   by_hand = 2 * (6144 * 26 + 12288 * 26 + 128 * 26 * 26) + 3840
   assert by_hand == 2 * lm_layer_by_hand(26, 26) + 2 * 32 * V == 1135360
   assert costs.prefill_flops(config, 9, 16, V) == by_hand
+
+
+def test_attention_probs_flops(config):
+  # A ranking-only pass over 26 slots: q (32 x 32) and k (32 x 16) projections, scores 2 * 26 * 26 * 32.
+  by_hand = 2 * 26 * 32 * 48 + 2 * 26 * 26 * 32
+  assert by_hand == 79872 + 43264
+  assert costs.attention_probs_flops(config, 26) == by_hand
+  # The same terms as the full layer, which adds v, o, the MLP and the weighted values.
+  assert lm_layer_by_hand(26, 26) - by_hand == 2 * 26 * 32 * 48 + 2 * 26 * 32 * 64 * 3 + 2 * 26 * 26 * 32
 
 
 def test_kv_cache_bytes(config):
@@ -112,7 +126,32 @@ def test_scorer_flops_by_hand(config):
     (lambda c: costs.kv_cache_bytes(c, 9, 16, 4, dtype_bytes=0), 'dtype_bytes=0'),
     (lambda c: costs.generate_flops(c, 9, 16, 0, V), 'new_tokens=0'),
     (lambda c: costs.vision_flops(c, 3), 'layers=3'),
+    (lambda c: costs.attention_probs_flops(c, -2), 'length=-2'),
 ])
 def test_bad_arguments(config, call, match):
   with pytest.raises(ValueError, match=match):
     call(config)
+
+
+def test_prefill_benchmark_reports_the_agent_against_pruned_and_full_prefill(tmp_path, config):
+  """Smoke run of benchmarks/prefill.py: the agent's share of the pruned and of the full prefill, in
+  time and in FLOPs, side by side (timings are only checked for consistency, never for speed)."""
+  out = tmp_path / 'prefill.json'
+  run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'prefill.py'),
+                        '--config=configs/gripbench_tiny.py:smoke', '--batch=1', '--repeats=1',
+                        '--budgets=0.25', f'--json={out}'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert 'agent / pruned' in run.stdout and 'agent / full' in run.stdout
+  result = json.loads(out.read_text())
+  full, pruned = result['rows']  # the full prefill is added as the reference
+  assert (full['kept_tokens'], pruned['kept_tokens']) == (36, 9)
+  # The model's vocabulary is None in the config: the benchmark builds it with 64 entries.
+  assert result['full_prefill_flops'] == costs.prefill_flops(config, 36, 16, 64)
+  assert pruned['prefill_flops'] == 1135360 - 3840 + 2 * 32 * 64  # test_prefill_flops with V = 64
+  # The agent: scorer + top_k(36, 9) = 36 * ceil(log2 10) comparisons.
+  assert pruned['agent_flops'] == costs.scorer_flops(config, 36, 16) + 36 * 4
+  assert pruned['agent_over_pruned_flops'] == pruned['agent_flops'] / pruned['prefill_flops']
+  assert pruned['agent_over_full_flops'] == pruned['agent_flops'] / result['full_prefill_flops']
+  assert pruned['agent_over_full_time'] == pytest.approx(pruned['agent_ms'] / result['full_prefill_ms'])
+  assert pruned['agent_over_pruned_time'] == pytest.approx(pruned['agent_ms'] / pruned['prefill_ms'])
