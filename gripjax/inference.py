@@ -8,8 +8,11 @@
 For each request, with N image tokens and k = ceil(rho * N) (`pruning.base.budget_to_k`):
 
   pixels ─► ViT + projector ─► V (N, D) ─► pruner(ctx, k) ─► kept (k, D), index (k,)
-  [<bos>] + kept + question ─► LM prefill (1 + k + T slots) ─► KV cache of 1 + k + T + m slots
+  prefix + kept + question ─► LM prefill (P + k + T slots) ─► KV cache of P + k + T + m slots
   ─► m greedy decode steps against that cache ─► answer
+
+The prefix is the text before the image: <bos> alone (P = 1) unless `prefix_ids` gives a chat
+template's head (e.g. the ids of `<s> USER:`); the question is the text after it.
 
 Nothing is masked: the kept tokens are gathered, so prefill and every decode step touch only the
 k kept tokens' keys and values (`visual_index` carries their source patches, so the `keep` position
@@ -84,7 +87,8 @@ class PrunedGenerator:
   def __init__(self, config, vlm: vlm_lib.VLM, vlm_params, tokenizer,
                pruner: Union[str, Callable, None] = 'grip', agent_params=None, *,
                position_mode: Optional[str] = None, text_len: Optional[int] = None,
-               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, seed: int = 0):
+               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, seed: int = 0,
+               prefix_ids: Optional[Sequence[int]] = None):
     """Builds the generator; nothing compiles until the first `generate`.
 
     Args:
@@ -99,6 +103,8 @@ class PrunedGenerator:
       text_len: question slots T; default `config.data.max_question_len`.
       batch_sizes: sizes a bucket is padded up to (each new one compiles once per k).
       seed: PRNG seed of randomized pruners.
+      prefix_ids: token ids of the text before the image, the same for every request (the
+        sequence is prefix + kept visual tokens + question); None: <bos> alone.
     """
     self.config = config
     self.vlm = vlm
@@ -116,6 +122,8 @@ class PrunedGenerator:
       raise ValueError(f'text_len={text_len!r}: expected a positive int.')
     self.batch_sizes = _check_batch_sizes(batch_sizes)
     self.seed = int(seed)
+    self.prefix_ids = self._check_prefix(prefix_ids)
+    self.prefix_len = vlm_lib.DEFAULT_PREFIX_LEN if self.prefix_ids is None else len(self.prefix_ids)
     # Unknown words and over-long questions: 'warn' (default) or 'error' (config.data.on_bad_question).
     self.on_bad_question = tokenizer_lib.on_bad_question(config)
     self.agent_params = None
@@ -191,10 +199,11 @@ class PrunedGenerator:
       raise ValueError(f'max_new_tokens={max_new_tokens!r}: expected a positive int.')
     max_new_tokens = int(max_new_tokens)
     k_max = max(ks, default=0)
-    need = 1 + k_max + self.text_len + max_new_tokens
+    need = self.prefix_len + k_max + self.text_len + max_new_tokens
     if need > self.model_config.llm.max_len:
-      raise ValueError(f'max_new_tokens={max_new_tokens} is too many: 1 + k={k_max} + T={self.text_len} '
-                       f'+ max_new_tokens = {need} exceeds llm.max_len={self.model_config.llm.max_len}.')
+      raise ValueError(f'max_new_tokens={max_new_tokens} is too many: P={self.prefix_len} + k={k_max} + '
+                       f'T={self.text_len} + max_new_tokens = {need} exceeds '
+                       f'llm.max_len={self.model_config.llm.max_len}.')
     q_ids, q_valid = self._encode_questions(questions)
     tokens = np.zeros((b, max_new_tokens), np.int32)
     keys = self._request_keys(b)  # (B, 2)
@@ -220,6 +229,17 @@ class PrunedGenerator:
     return np.asarray(jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(b)))
 
   # --- Input checks. -----------------------------------------------------------------------------
+
+  def _check_prefix(self, prefix_ids) -> Optional[np.ndarray]:
+    """None, or the prefix as int32 (P,) after checking every id is in the vocabulary."""
+    if prefix_ids is None:
+      return None
+    vocab = self.model_config.llm.vocab_size
+    ids = np.asarray(prefix_ids)
+    if (ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0)
+        or np.any(ids < 0) or np.any(ids >= vocab)):
+      raise ValueError(f'prefix_ids={prefix_ids!r}: expected a sequence of token ids in [0, {vocab}).')
+    return ids.astype(np.int32)
 
   def _check_images(self, images) -> np.ndarray:
     """uint8 as is, floats as float32; refuses NaN/inf and floats outside [0, 1], naming the image."""
@@ -301,9 +321,12 @@ class PrunedGenerator:
 
   def _run(self, variables, agent_params, pixels, question_ids, question_valid, rho, rng, *, k: int,
            max_new_tokens: int):
-    """One bucket: encode, prune to k, prefill the 1 + k + T slots, decode -> (B, max_new_tokens)."""
+    """One bucket: encode, prune to k, prefill the P + k + T slots, decode -> (B, max_new_tokens)."""
     kept = self.kept(variables, agent_params, pixels, question_ids, question_valid, rho, rng, k=k)
     valid = jnp.ones(kept.index.shape, bool)  # (B, k): every gathered slot is real
+    prefix = None
+    if self.prefix_ids is not None:
+      prefix = jnp.broadcast_to(jnp.asarray(self.prefix_ids), (pixels.shape[0], self.prefix_len))  # (B, P)
     return vlm_lib.generate(self.vlm, variables, kept.tokens, kept.index, valid, question_ids,
                             question_valid, position_mode=self.position_mode,
-                            max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id)
+                            max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id, prefix_ids=prefix)

@@ -92,6 +92,44 @@ def test_greedy_tokens_match_transformers():
       np.testing.assert_array_equal(np.asarray(got[0])[:len(want)], want)
 
 
+def chat_split(ids, image_token):
+  """transformers' prompt ids -> (prefix, text): the ids before and after the run of image tokens."""
+  image = np.flatnonzero(ids == image_token)
+  assert len(image) and (np.diff(image) == 1).all(), ids
+  return ids[:image[0]], ids[image[-1] + 1:]
+
+
+def test_chat_template_matches_transformers():
+  """LLaVA-1.5's chat prompt `USER: <image>\\n{question} ASSISTANT:`, text on both sides of the image:
+  the prefix (the ids before the image tokens) and the text after them, as the general layout
+  [prefix][visual][text], against transformers' logits, dropped-token logits and greedy tokens."""
+  cfg, model, params = imported('')
+  out = outputs()
+  n = hf_llava.num_image_tokens(cfg)
+  with open(os.path.join(FIXTURE, 'config.json')) as f:
+    image_token = json.load(f)['image_token_index']
+  fwd = jax.jit(lambda v, i, pre, text, mode: model.apply(
+      params, v, i, jnp.ones(i.shape, bool), text, jnp.ones(text.shape, bool), mode, prefix_ids=pre,
+      method='forward'), static_argnums=4)
+  with jax.default_matmul_precision('highest'):
+    for e in range(EXAMPLES):
+      ids = out[f'ex{e}_chat_input_ids']
+      prefix, text = chat_split(ids, image_token)
+      assert ids[0] == 1 and len(prefix) > 1 and len(text) > 1 and len(prefix) + n + len(text) == len(ids)
+      pre, text = jnp.asarray(prefix, jnp.int32)[None], jnp.asarray(text, jnp.int32)[None]
+      visual, _ = model.apply(params, unit_pixels(cfg, out[f'ex{e}_pixel_values']), method='encode_image')
+      full = fwd(visual, jnp.arange(n)[None], pre, text, 'keep')
+      np.testing.assert_allclose(full[0], out[f'ex{e}_chat_logits'], atol=TOL, rtol=0, err_msg=f'ex{e}')
+      keep = out[f'ex{e}_chat_keep']
+      dropped = fwd(visual[:, keep], jnp.asarray(keep)[None], pre, text, 'renumber')
+      np.testing.assert_allclose(dropped[0], out[f'ex{e}_chat_logits_dropped'], atol=TOL, rtol=0,
+                                 err_msg=f'ex{e}')
+      want = out[f'ex{e}_chat_greedy']
+      got = vlm_lib.generate(model, params, visual, jnp.arange(n)[None], jnp.ones((1, n), bool), text,
+                             jnp.ones_like(text, bool), max_new_tokens=len(want), eos_id=2, prefix_ids=pre)
+      np.testing.assert_array_equal(np.asarray(got[0])[:len(want)], want, err_msg=f'ex{e}')
+
+
 def copy_fixture(tmp_path):
   dst = tmp_path / 'ckpt'
   shutil.copytree(FIXTURE, dst, ignore=shutil.ignore_patterns('sharded', 'outputs.npz'))

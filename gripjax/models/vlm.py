@@ -1,19 +1,28 @@
 """LLaVA-1.5-style VLM: CLIP tower -> 2-layer GELU projector -> Llama decoder, with pruning hooks.
 
-Sequence layout seen by the decoder (L = 1 + k + T slots):
+Sequence layout seen by the decoder (L = P + k + T slots; `SequenceLayout` names the ranges):
 
-  [<bos>] [visual slot 0 .. k-1] [text slot 0 .. T-1]
+  [prefix slot 0 .. P-1] [visual slot 0 .. k-1] [text slot 0 .. T-1]
 
-Visual slots hold projected image tokens (any k <= N of them, in increasing source index; a
-`visual_valid` mask marks slots in use). Text is LEFT-padded (`text_valid` False at the start), so
-the last slot is the last real token and generation appends after it. Invalid slots are never read
-as keys; their own outputs are garbage and must be ignored. RoPE positions, N = full image tokens:
+The prefix is the text before the image: `<bos>` alone by default (P = 1, the layout
+`[<bos>][visual][text]`), or a chat template's head such as LLaVA-1.5's `<s> USER:` (the prompt
+`USER: <image>\n{question} ASSISTANT:` splits at the image into prefix and text). Visual slots hold
+projected image tokens (any k <= N of them, in increasing source index; a `visual_valid` mask marks
+slots in use). Prefix and text are both LEFT-padded (`*_valid` False at the start): a batch of
+prefixes stands right-aligned against the image, and the last slot is the last real text token, so
+generation appends after it. Invalid slots are never read as keys; their own outputs are garbage and
+must be ignored. Positions come from cumulative sums of the validity masks, so a padded slot anywhere
+computes as a dropped one. RoPE positions, with N = full image tokens and P' = sum(prefix_valid) the
+real prefix tokens:
 
-  keep      bos 0; visual j -> 1 + index[j];          text t -> 1 + N + (cumsum(text_valid) - 1)[t]
-  renumber  bos 0; visual j -> cumsum(valid)[j];      text t -> 1 + sum(valid) + (cumsum(text_valid) - 1)[t]
+  keep      prefix p -> (cumsum(prefix_valid) - 1)[p];  visual j -> P' + index[j];
+            text t -> P' + N + (cumsum(text_valid) - 1)[t]
+  renumber  prefix as keep;  visual j -> P' - 1 + cumsum(valid)[j];
+            text t -> P' + sum(valid) + (cumsum(text_valid) - 1)[t]
 
 `keep` gives every kept token its position in the unpruned sequence; `renumber` equals physically
 dropping tokens from an HF LLaVA input. Either way masked slots compute the same as dropped ones.
+With the default prefix (P = P' = 1) these are the positions of `[<bos>][visual][text]`.
 
 `assemble` is the one place where image embeddings enter the language model; `run_layers` and
 `logits` finish the forward, so an in-LM pruner (FastV) can run [0, K), gather along L and go on.
@@ -38,6 +47,54 @@ from gripjax.models.vit import ClipVisionTower, VitConfig, activation, fields_fr
 
 POSITION_MODES = ('keep', 'renumber')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DEFAULT_PREFIX_LEN = 1  # The default prefix is <bos> alone.
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+  """Static slot ranges of a decoder sequence `[prefix P][visual k][text T]`, L = P + k + T.
+
+  The one definition of where the visual slots and the text rows sit: `assemble` lays sequences out
+  this way and the in-LM pruners read through it (also after a drop, with fewer visual slots).
+  """
+  prefix_len: int
+  num_visual: int
+  text_len: int
+
+  def __post_init__(self):
+    for name in ('prefix_len', 'num_visual', 'text_len'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'SequenceLayout.{name}={value!r}: expected a static int >= 0.')
+
+  @classmethod
+  def from_length(cls, length: int, text_len: int, prefix_len: int = DEFAULT_PREFIX_LEN) -> 'SequenceLayout':
+    """The layout of a sequence of `length` slots whose last `text_len` are text after `prefix_len`."""
+    num_visual = length - prefix_len - text_len
+    if num_visual < 0:
+      raise ValueError(f'a sequence of {length} slots cannot hold a prefix of {prefix_len} and {text_len} '
+                       'text slots: expected length >= prefix_len + text_len.')
+    return cls(prefix_len, num_visual, text_len)
+
+  @property
+  def length(self) -> int:
+    return self.prefix_len + self.num_visual + self.text_len
+
+  @property
+  def prefix(self) -> slice:
+    return slice(0, self.prefix_len)
+
+  @property
+  def visual(self) -> slice:
+    return slice(self.prefix_len, self.prefix_len + self.num_visual)
+
+  @property
+  def text(self) -> slice:
+    return slice(self.prefix_len + self.num_visual, self.length)
+
+  def with_visual(self, num_visual: int) -> 'SequenceLayout':
+    """The same prefix and text around `num_visual` visual slots (after a drop)."""
+    return dataclasses.replace(self, num_visual=num_visual)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +222,27 @@ class VLM(nn.Module):
 
   # --- Decoder. ----------------------------------------------------------------------------------
 
+  def prefix_inputs(self, batch_size: int, prefix_ids=None, prefix_valid=None):
+    """The prefix of `batch_size` sequences: (ids (B, P) int32, valid (B, P) bool).
+
+    Args:
+      prefix_ids: (B, P) int text before the image, left-padded; None: <bos> alone (P = 1).
+      prefix_valid: (B, P) bool, False on the left padding; None: every prefix slot is real.
+    """
+    if prefix_ids is None:
+      if prefix_valid is not None:
+        raise ValueError('prefix_valid was given without prefix_ids: expected both, or neither for the '
+                         'default prefix <bos>.')
+      prefix_ids = jnp.full((batch_size, DEFAULT_PREFIX_LEN), self.cfg.llm.bos_id, jnp.int32)
+    _check_shape('prefix_ids', prefix_ids, (batch_size, None))
+    if prefix_valid is None:
+      prefix_valid = jnp.ones(prefix_ids.shape, bool)
+    _check_shape('prefix_valid', prefix_valid, tuple(prefix_ids.shape))
+    return jnp.asarray(prefix_ids).astype(jnp.int32), jnp.asarray(prefix_valid).astype(bool)
+
   def assemble(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
-               text_embeds=None):
-    """Builds the decoder input: where image tokens enter the language model.
+               text_embeds=None, *, prefix_ids=None, prefix_valid=None):
+    """Builds the decoder input `[prefix][visual][text]`: where image tokens enter the language model.
 
     Args:
       visual: (B, k, D) kept visual tokens, k <= N, in increasing source order.
@@ -177,8 +252,10 @@ class VLM(nn.Module):
       text_valid: (B, T) bool, False on the left padding.
       position_mode: 'keep' | 'renumber'; None takes config.model.position_mode.
       text_embeds: optional (B, T, D) embeddings used instead of embedding text_ids.
+      prefix_ids: optional (B, P) int text before the image, left-padded; None: <bos> alone.
+      prefix_valid: optional (B, P) bool, False on the prefix's left padding; None: all real.
     Returns:
-      h (B, 1 + k + T, D), positions (B, 1 + k + T) int32, key_valid (B, 1 + k + T) bool.
+      h (B, P + k + T, D), positions (B, P + k + T) int32, key_valid (B, P + k + T) bool.
     """
     c = self.cfg
     mode = check_position_mode(c.position_mode if position_mode is None else position_mode)
@@ -199,21 +276,24 @@ class VLM(nn.Module):
     _check_shape('text_valid', text_valid, (b, t))
     visual_valid = visual_valid.astype(bool)
     text_valid = text_valid.astype(bool)
+    prefix_ids, prefix_valid = self.prefix_inputs(b, prefix_ids, prefix_valid)
 
-    bos = self.embed_text(jnp.full((b, 1), c.llm.bos_id, jnp.int32))  # (B, 1, D)
-    h = jnp.concatenate([bos, visual.astype(c.activation_dtype), text], axis=1)  # (B, 1 + k + T, D)
+    prefix = self.embed_text(prefix_ids)  # (B, P, D)
+    h = jnp.concatenate([prefix, visual.astype(c.activation_dtype), text], axis=1)  # (B, P + k + T, D)
 
+    prefix_pos = jnp.cumsum(prefix_valid, axis=1, dtype=jnp.int32) - 1  # (B, P), -1 on left padding
+    start = jnp.sum(prefix_valid, axis=1, keepdims=True, dtype=jnp.int32)  # (B, 1): P', first visual position
     text_rank = jnp.cumsum(text_valid, axis=1, dtype=jnp.int32) - 1  # (B, T), -1 on left padding
     def keep_positions():
-      return 1 + visual_index.astype(jnp.int32), 1 + n + text_rank
+      return start + visual_index.astype(jnp.int32), start + n + text_rank
 
     def renumber_positions():
-      visual_pos = jnp.cumsum(visual_valid, axis=1, dtype=jnp.int32)
-      return visual_pos, (1 + visual_pos[:, -1:] + text_rank if k else 1 + text_rank)
+      visual_pos = start - 1 + jnp.cumsum(visual_valid, axis=1, dtype=jnp.int32)
+      return visual_pos, (1 + visual_pos[:, -1:] + text_rank if k else start + text_rank)
 
     visual_pos, text_pos = select_by_mode(mode, keep_positions, renumber_positions)
-    positions = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), visual_pos, text_pos], axis=1)  # (B, L)
-    key_valid = jnp.concatenate([jnp.ones((b, 1), bool), visual_valid, text_valid], axis=1)  # (B, L)
+    positions = jnp.concatenate([prefix_pos, visual_pos, text_pos], axis=1)  # (B, L)
+    key_valid = jnp.concatenate([prefix_valid, visual_valid, text_valid], axis=1)  # (B, L)
     return h, positions, key_valid
 
   def run_layers(self, h, positions, key_valid, start: int, stop: int, attn_layer: Optional[int] = None,
@@ -229,15 +309,16 @@ class VLM(nn.Module):
     return self.llm.logits(h)
 
   def forward(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
-              text_embeds=None):
-    """Pruned (or full) forward -> logits (B, 1 + k + T, vocab). Arguments as in `assemble`."""
+              text_embeds=None, *, prefix_ids=None, prefix_valid=None):
+    """Pruned (or full) forward -> logits (B, P + k + T, vocab). Arguments as in `assemble`."""
     h, positions, key_valid = self.assemble(visual, visual_index, visual_valid, text_ids, text_valid,
-                                            position_mode, text_embeds)
+                                            position_mode, text_embeds, prefix_ids=prefix_ids,
+                                            prefix_valid=prefix_valid)
     h, _ = self.run_layers(h, positions, key_valid, 0, self.cfg.llm.depth)
     return self.logits(h)
 
   def answer_logits(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
-                    visual_weight=None):
+                    visual_weight=None, *, prefix_ids=None, prefix_valid=None):
     """Logits at the answer slot only (the last one): (B, k, D) kept tokens -> (B, vocab) float32.
 
     `forward(...)[:, -1]` without the LM head over every slot (B x L x vocab for a 7B vocabulary):
@@ -245,41 +326,43 @@ class VLM(nn.Module):
 
     Args:
       visual_weight: optional (B, k) float soft weights of the visual slots (the relaxation
-        baselines' masks); <bos> and valid text keys weigh 1, padding 0. Slots with weight 0 are
+        baselines' masks); valid prefix and text keys weigh 1, padding 0. Slots with weight 0 are
         read by no query, so a {0, 1} weight equals dropping those slots (with positions as
         `visual_valid` gives them).
       Others as in `assemble`.
     """
     h, positions, key_valid = self.assemble(visual, visual_index, visual_valid, text_ids, text_valid,
-                                            position_mode)
+                                            position_mode, prefix_ids=prefix_ids, prefix_valid=prefix_valid)
     key_weight = None
     if visual_weight is not None:
-      b = visual.shape[0]
+      b, k = visual.shape[:2]
+      t = text_valid.shape[1]
+      layout = SequenceLayout(h.shape[1] - k - t, k, t)
       _check_shape('visual_weight', visual_weight, visual_valid.shape)
-      text_w = jnp.asarray(text_valid, jnp.float32)
-      key_weight = jnp.concatenate([jnp.ones((b, 1), jnp.float32),
-                                    jnp.asarray(visual_weight, jnp.float32), text_w], axis=1)  # (B, L)
+      prefix_valid, text_valid = key_valid[:, layout.prefix], key_valid[:, layout.text]
+      key_weight = jnp.concatenate([prefix_valid.astype(jnp.float32), jnp.asarray(visual_weight, jnp.float32),
+                                    text_valid.astype(jnp.float32)], axis=1)  # (B, L)
       # Every visual key stays allowed: its weight, not the boolean mask, removes it.
-      key_valid = jnp.concatenate([jnp.ones((b, 1 + visual.shape[1]), bool),
-                                   jnp.asarray(text_valid, bool)], axis=1)  # (B, L)
+      key_valid = jnp.concatenate([prefix_valid, jnp.ones((b, k), bool), text_valid], axis=1)  # (B, L)
     h, _ = self.run_layers(h, positions, key_valid, 0, self.cfg.llm.depth, key_weight=key_weight)
     return self.logits(h[:, -1:])[:, 0].astype(jnp.float32)  # (B, vocab)
 
   # --- Generation with a KV cache. ---------------------------------------------------------------
 
   def prefill(self, visual, visual_index, visual_valid, text_ids, text_valid, position_mode=None,
-              cache_len: int = 0, text_embeds=None):
-    """Runs the prompt and fills a KV cache with room for cache_len slots.
+              cache_len: int = 0, text_embeds=None, *, prefix_ids=None, prefix_valid=None):
+    """Runs the prompt `[prefix][visual][text]` and fills a KV cache with room for cache_len slots.
 
     Returns:
       last_logits (B, vocab) float32 at the last slot, and the cache pytree:
         layers: per layer dict(k, v), each (B, cache_len, KVH, Dh) in the activation dtype;
         key_valid (B, cache_len) bool; next_position (B,) int32; length () int32 (slots used).
     Decoding past cache_len is not checked under jit (the write would clamp onto the last slot);
-    `generate` sizes the cache for you.
+    `generate` sizes the cache for you. Arguments as in `assemble`.
     """
     h, positions, key_valid = self.assemble(visual, visual_index, visual_valid, text_ids, text_valid,
-                                            position_mode, text_embeds)
+                                            position_mode, text_embeds, prefix_ids=prefix_ids,
+                                            prefix_valid=prefix_valid)
     b, l, _ = h.shape
     max_len = self.cfg.llm.max_len
     if not isinstance(cache_len, int) or not l <= cache_len <= max_len:
@@ -314,22 +397,26 @@ class VLM(nn.Module):
 
 def generate(model: VLM, params, visual, visual_index, visual_valid, text_ids, text_valid, *,
              position_mode: Optional[str] = None, max_new_tokens: int, eos_id: int,
-             cache_len: Optional[int] = None):
+             cache_len: Optional[int] = None, prefix_ids=None, prefix_valid=None):
   """Greedy decoding -> tokens (B, max_new_tokens) int32; after eos every slot holds eos_id.
 
   jit-compatible with model, position_mode, max_new_tokens, eos_id and cache_len static, e.g.
   `jax.jit(functools.partial(generate, model), static_argnames=('position_mode', 'max_new_tokens',
-  'eos_id'))`. cache_len defaults to the prompt length 1 + k + T plus max_new_tokens.
+  'eos_id'))`. cache_len defaults to the prompt length P + k + T plus max_new_tokens (P = 1 for the
+  default prefix <bos>; `prefix_ids` / `prefix_valid` as in `VLM.assemble`).
   """
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens!r}: expected a positive int.')
-  prompt_len = 1 + visual.shape[1] + text_valid.shape[1]
+  prefix_len = DEFAULT_PREFIX_LEN if prefix_ids is None else prefix_ids.shape[1]
+  prompt_len = prefix_len + visual.shape[1] + text_valid.shape[1]
   need = prompt_len + max_new_tokens
   cache_len = need if cache_len is None else cache_len
   if cache_len < need:
-    raise ValueError(f'cache_len={cache_len} is too small: expected >= 1 + k + T + max_new_tokens = {need}.')
+    raise ValueError(f'cache_len={cache_len} is too small: expected >= {prefix_len} + k + T + max_new_tokens = '
+                     f'{need} (prefix P={prefix_len}, k={visual.shape[1]}, T={text_valid.shape[1]}).')
   logits, cache = model.apply(params, visual, visual_index, visual_valid, text_ids, text_valid,
-                              position_mode, cache_len, method=VLM.prefill)
+                              position_mode, cache_len, prefix_ids=prefix_ids, prefix_valid=prefix_valid,
+                              method=VLM.prefill)
   first = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (B,)
 
   def step(carry, _):

@@ -14,7 +14,7 @@ Rule (as the released code computes it, LLaVA setting K = 2, 4 image + 4 text pi
   4. Pivot by pivot, the not-yet-kept visual tokens least cosine-similar to that pivot's state are
      added (its near-duplicates are left out); already kept tokens are excluded from later picks.
   5. The text pivots are not visual tokens: the kept visual set is the image pivots plus every
-     pivot's picks. Layers [K, depth) run on `[<bos>] + kept + text`, physically shorter; the released
+     pivot's picks. Layers [K, depth) run on `prefix + kept + text`, physically shorter; the released
      code keeps the survivors' position ids (our 'keep' mode; 'renumber' is also available).
 
 Deviations from the released code:
@@ -114,13 +114,13 @@ def select_visual(visual_state, text_state, visual_key_l1, text_key_l1, text_val
 def make_select(pivot_image: int = PIVOT_IMAGE, pivot_text: int = PIVOT_TEXT):
   """The `inlm.Select` of DART (it needs the keys: run it with `run_schedule(..., with_keys=True)`)."""
 
-  def select(h, attn, count, text_valid, *, keys, norm):
+  def select(h, attn, count, text_valid, *, keys, norm, layout=None):
     del attn
-    t = text_valid.shape[1]
-    n = h.shape[1] - 1 - t
+    layout = inlm.sequence_layout(h, text_valid, layout)
+    vis, text = layout.visual, layout.text
     key_l1 = jnp.sum(jnp.abs(keys.astype(jnp.float32)), axis=(-2, -1))  # (B, L): all heads
     state = norm(h).astype(jnp.float32)  # (B, L, D)
-    keep = select_visual(state[:, 1:1 + n], state[:, 1 + n:], key_l1[:, 1:1 + n], key_l1[:, 1 + n:],
+    keep = select_visual(state[:, vis], state[:, text], key_l1[:, vis], key_l1[:, text],
                          text_valid, count, pivot_image, pivot_text)
     return keep, None
 
@@ -129,16 +129,17 @@ def make_select(pivot_image: int = PIVOT_IMAGE, pivot_text: int = PIVOT_TEXT):
 
 def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
                layer: int = DEFAULT_LAYER, pivot_image: int = PIVOT_IMAGE, pivot_text: int = PIVOT_TEXT,
-               text_embeds=None) -> inlm.InLmResult:
+               text_embeds=None, prefix_ids=None, prefix_valid=None) -> inlm.InLmResult:
   """DART with its per-layer length trace: -> InLmResult(logits (B, V), index (B, k), trace)."""
   drops = schedule(visual.shape[1], k, lm.config.llm.depth, layer)
   return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops,
-                           make_select(pivot_image, pivot_text), text_embeds, with_keys=True)
+                           make_select(pivot_image, pivot_text), text_embeds, with_keys=True,
+                           prefix_ids=prefix_ids, prefix_valid=prefix_valid)
 
 
 def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
                 layer: int = DEFAULT_LAYER, pivot_image: int = PIVOT_IMAGE, pivot_text: int = PIVOT_TEXT,
-                text_embeds=None):
+                text_embeds=None, prefix_ids=None, prefix_valid=None):
   """DART inside the LM -> (answer_logits (B, V), kept_index (B, k) int32 sorted).
 
   Args:
@@ -150,9 +151,12 @@ def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, positio
     layer: K, the first layer that runs on the pruned sequence (clipped to depth - 1).
     pivot_image, pivot_text: pivot counts (4 and 4 in the released LLaVA scripts).
     text_embeds: optional (B, T, D) instead of embedding text_ids.
+    prefix_ids, prefix_valid: optional (B, P) text before the image, left-padded (`VLM.assemble`);
+      None: <bos> alone.
   """
   out = run_staged(lm, visual, text_ids, text_valid, k, position_mode, layer=layer, pivot_image=pivot_image,
-                   pivot_text=pivot_text, text_embeds=text_embeds)
+                   pivot_text=pivot_text, text_embeds=text_embeds, prefix_ids=prefix_ids,
+                   prefix_valid=prefix_valid)
   return out.logits, out.index
 
 

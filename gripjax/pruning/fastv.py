@@ -9,7 +9,7 @@ Rule (as the released code computes it): run layers [0, K) on the full sequence;
 probs of layer K - 1, average them over heads, and read the row of the LAST token of the sequence
 (`last_layer_attention_avg[-1]`: the last prompt token, the one that produces the answer); keep the
 visual tokens with the highest scores in that row, in their original order, and run layers
-[K, depth) on `[<bos>] + kept + text`, physically shorter, with the survivors' position ids
+[K, depth) on `prefix + kept + text`, physically shorter, with the survivors' position ids
 (`position_ids = keep_indexs`). The answer is read at the last slot. `visual_scores` is that rule.
 
 Deviations from the released code:
@@ -44,12 +44,12 @@ def schedule(n: int, k: int, depth: int, layer: int = DEFAULT_LAYER) -> inlm.Dro
   return inlm.check_drops(((drop_layer(depth, layer), k),), n, k, depth)
 
 
-def visual_scores(attn: jax.Array, num_visual: int) -> jax.Array:
+def visual_scores(attn: jax.Array, num_visual: int, prefix_len: int = inlm.DEFAULT_PREFIX_LEN) -> jax.Array:
   """FastV's score: attention the last text token pays each visual slot, mean over heads.
 
-  (B, H, L, L) -> (B, num_visual).
+  (B, H, L, L) -> (B, num_visual); the visual slots follow `prefix_len` prefix slots.
   """
-  return inlm.last_token_visual_attention(attn, num_visual)
+  return inlm.last_token_visual_attention(attn, num_visual, prefix_len)
 
 
 # Keeps the `count` visual slots with the highest `visual_scores` (an `inlm.Select`).
@@ -57,14 +57,16 @@ _select = inlm.select_by_last_token_attention
 
 
 def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
-               layer: int = DEFAULT_LAYER, text_embeds=None) -> inlm.InLmResult:
+               layer: int = DEFAULT_LAYER, text_embeds=None, prefix_ids=None,
+               prefix_valid=None) -> inlm.InLmResult:
   """FastV with its per-layer length trace: -> InLmResult(logits (B, V), index (B, k), trace)."""
   drops = schedule(visual.shape[1], k, lm.config.llm.depth, layer)
-  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, _select, text_embeds)
+  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, _select, text_embeds,
+                           prefix_ids=prefix_ids, prefix_valid=prefix_valid)
 
 
 def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
-                layer: int = DEFAULT_LAYER, text_embeds=None):
+                layer: int = DEFAULT_LAYER, text_embeds=None, prefix_ids=None, prefix_valid=None):
   """FastV inside the LM -> (answer_logits (B, V), kept_index (B, k) int32 sorted).
 
   Args:
@@ -75,8 +77,11 @@ def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, positio
     position_mode: 'keep' | 'renumber' | None (the model config's).
     layer: K, the first layer that runs on the pruned sequence (clipped to depth - 1).
     text_embeds: optional (B, T, D) instead of embedding text_ids.
+    prefix_ids, prefix_valid: optional (B, P) text before the image, left-padded (`VLM.assemble`);
+      None: <bos> alone.
   """
-  out = run_staged(lm, visual, text_ids, text_valid, k, position_mode, layer=layer, text_embeds=text_embeds)
+  out = run_staged(lm, visual, text_ids, text_valid, k, position_mode, layer=layer, text_embeds=text_embeds,
+                   prefix_ids=prefix_ids, prefix_valid=prefix_valid)
   return out.logits, out.index
 
 

@@ -48,12 +48,13 @@ def schedule(n: int, k: int, depth: int, num_stages: int = DEFAULT_STAGES) -> in
   return inlm.check_drops(drops, n, k, depth)
 
 
-def visual_scores(attn: jax.Array, num_visual: int) -> jax.Array:
+def visual_scores(attn: jax.Array, num_visual: int, prefix_len: int = inlm.DEFAULT_PREFIX_LEN) -> jax.Array:
   """Attention the last instruction token pays each visual slot, mean over heads: (B, H, L, L) -> (B, n).
 
-  `attn` is the attention of the first layer after the boundary, over the sequence before the drop.
+  `attn` is the attention of the first layer after the boundary, over the sequence before the drop;
+  the visual slots follow `prefix_len` prefix slots.
   """
-  return inlm.last_token_visual_attention(attn, num_visual)
+  return inlm.last_token_visual_attention(attn, num_visual, prefix_len)
 
 
 # Keeps the `count` visual slots with the highest `visual_scores` (an `inlm.Select`).
@@ -61,15 +62,16 @@ _select = inlm.select_by_last_token_attention
 
 
 def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
-               num_stages: int = DEFAULT_STAGES, text_embeds=None) -> inlm.InLmResult:
+               num_stages: int = DEFAULT_STAGES, text_embeds=None, prefix_ids=None,
+               prefix_valid=None) -> inlm.InLmResult:
   """PyramidDrop with its per-layer length trace: -> InLmResult(logits (B, V), index (B, k), trace)."""
   drops = schedule(visual.shape[1], k, lm.config.llm.depth, num_stages)
   return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, _select, text_embeds,
-                           rank_layer='next')
+                           rank_layer='next', prefix_ids=prefix_ids, prefix_valid=prefix_valid)
 
 
 def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
-                num_stages: int = DEFAULT_STAGES, text_embeds=None):
+                num_stages: int = DEFAULT_STAGES, text_embeds=None, prefix_ids=None, prefix_valid=None):
   """PyramidDrop inside the LM -> (answer_logits (B, V), kept_index (B, k) int32 sorted).
 
   Args:
@@ -80,9 +82,11 @@ def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, positio
     position_mode: 'keep' | 'renumber' | None (the model config's).
     num_stages: S (clipped to depth).
     text_embeds: optional (B, T, D) instead of embedding text_ids.
+    prefix_ids, prefix_valid: optional (B, P) text before the image, left-padded (`VLM.assemble`);
+      None: <bos> alone.
   """
   out = run_staged(lm, visual, text_ids, text_valid, k, position_mode, num_stages=num_stages,
-                   text_embeds=text_embeds)
+                   text_embeds=text_embeds, prefix_ids=prefix_ids, prefix_valid=prefix_valid)
   return out.logits, out.index
 
 

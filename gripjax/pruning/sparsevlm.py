@@ -6,7 +6,8 @@ Zhang et al., arXiv 2410.04417 (ICML 2025). Released code: github.com/Gumpest/Sp
 simplified, budget-exact form (the deviations below).
 
 Rule (ours): the raters are chosen once, at the LM input, as the released code does: with visual tokens
-v_i and text embeddings t_j, m_j = mean_i softmax_j(v_i . t_j) (the softmax over the real text
+v_i and embeddings t_j of the text after the image (the question; a chat template's prefix before
+the image is never a rater), m_j = mean_i softmax_j(v_i . t_j) (the softmax over the real text
 tokens), and the raters are the real text tokens with m_j > mean_j m_j. At the sparsification layer S
 (default 2) each visual token is scored by the attention the raters pay it (mean over raters and
 heads, the released `attn_postprocess_topk`). The top k - r visual tokens are kept; the deleted ones are
@@ -88,16 +89,19 @@ def text_raters(visual: jax.Array, text: jax.Array, text_valid: jax.Array) -> ja
   return jnp.where(jnp.any(raters, axis=1, keepdims=True), raters, text_valid)
 
 
-def rater_scores(attn: jax.Array, num_visual: int, raters: jax.Array) -> jax.Array:
+def rater_scores(attn: jax.Array, num_visual: int, raters: jax.Array,
+                 prefix_len: int = inlm.DEFAULT_PREFIX_LEN) -> jax.Array:
   """Mean attention (over raters and heads) each visual slot receives: (B, H, L, L) -> (B, n) float32.
 
   Args:
-    attn: (B, H, L, L) attention probs, sequence `[<bos>] + visual + text`.
+    attn: (B, H, L, L) attention probs, sequence `prefix + visual + text`.
     num_visual: n, the visual slots in that sequence.
-    raters: (B, T) bool, the rating text tokens.
+    raters: (B, T) bool, the rating text tokens (the text after the image).
+    prefix_len: P, the prefix slots before the visual ones (1: <bos> alone).
   """
+  layout = inlm.SequenceLayout(prefix_len, num_visual, raters.shape[1])
   a = inlm.head_mean(attn)  # (B, L, L)
-  text_to_visual = a[:, 1 + num_visual:, 1:1 + num_visual]  # (B, T, n)
+  text_to_visual = a[:, layout.text, layout.visual]  # (B, T, n)
   w = raters.astype(jnp.float32)
   return jnp.einsum('bt,btn->bn', w, text_to_visual) / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1)
 
@@ -130,9 +134,10 @@ def recycle(visual_h: jax.Array, scores: jax.Array, deleted: jax.Array, r: int, 
 def make_select(r: int, recycle_frac: float, raters: jax.Array):
   """The `inlm.Select` of SparseVLM with r recycled tokens and the (B, T) bool `raters`."""
 
-  def select(h, attn, count, text_valid):
-    n = h.shape[1] - 1 - text_valid.shape[1]
-    scores = rater_scores(attn, n, raters)  # (B, n)
+  def select(h, attn, count, text_valid, *, layout=None):
+    layout = inlm.sequence_layout(h, text_valid, layout)
+    n = layout.num_visual
+    scores = rater_scores(attn, n, raters, layout.prefix_len)  # (B, n)
     if r == 0 or count == n:
       return inlm.top_k_sorted(scores, count), None
     top = base.top_k_indices(scores, count - r)  # (B, count - r)
@@ -140,7 +145,7 @@ def make_select(r: int, recycle_frac: float, raters: jax.Array):
     deleted = jnp.ones((b, n), bool).at[jnp.arange(b)[:, None], top].set(False)  # (B, n)
     num_deleted = n - (count - r)
     pool = min(num_deleted, max(r, math.ceil(recycle_frac * num_deleted)))
-    visual_h = h[:, 1:1 + n]  # (B, n, D)
+    visual_h = h[:, layout.visual]  # (B, n, D)
     anchors, merged = recycle(visual_h, scores, deleted, r, pool)
     slots = jnp.concatenate([top, anchors], axis=1)  # (B, count), unique
     tokens = jnp.concatenate([jnp.take_along_axis(visual_h, top[..., None], axis=1), merged], axis=1)
@@ -154,7 +159,7 @@ def make_select(r: int, recycle_frac: float, raters: jax.Array):
 
 def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
                layer: int = DEFAULT_LAYER, recycle_frac: float = DEFAULT_RECYCLE_FRAC,
-               text_embeds=None) -> inlm.InLmResult:
+               text_embeds=None, prefix_ids=None, prefix_valid=None) -> inlm.InLmResult:
   """SparseVLM with its per-layer length trace: -> InLmResult(logits (B, V), index (B, k), trace)."""
   if not 0.0 <= float(recycle_frac) <= 1.0:
     raise ValueError(f'sparsevlm recycle_frac={recycle_frac!r}: expected a fraction in [0, 1].')
@@ -163,11 +168,13 @@ def run_staged(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position
   text = lm.apply('embed_text', text_ids) if text_embeds is None else text_embeds  # (B, T, D)
   raters = text_raters(visual, text, text_valid)  # (B, T), chosen at the LM input
   select = make_select(num_recycled(n, k), float(recycle_frac), raters)
-  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, select, text_embeds)
+  return inlm.run_schedule(lm, visual, text_ids, text_valid, position_mode, drops, select, text_embeds,
+                           prefix_ids=prefix_ids, prefix_valid=prefix_valid)
 
 
 def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, position_mode=None, *,
-                layer: int = DEFAULT_LAYER, recycle_frac: float = DEFAULT_RECYCLE_FRAC, text_embeds=None):
+                layer: int = DEFAULT_LAYER, recycle_frac: float = DEFAULT_RECYCLE_FRAC, text_embeds=None,
+                prefix_ids=None, prefix_valid=None):
   """SparseVLM inside the LM -> (answer_logits (B, V), kept_index (B, k) int32 sorted).
 
   Args:
@@ -179,11 +186,14 @@ def prune_in_lm(lm: inlm.LmHandle, visual, text_ids, text_valid, k: int, positio
     layer: S, the first layer that runs on the sparsified sequence (clipped to depth - 1).
     recycle_frac: fraction of the deleted tokens (highest scores first) merged into the recycled ones.
     text_embeds: optional (B, T, D) instead of embedding text_ids.
+    prefix_ids, prefix_valid: optional (B, P) text before the image, left-padded (`VLM.assemble`);
+      None: <bos> alone.
   Returns:
     kept_index: for recycled tokens, the patch index of their anchor.
   """
   out = run_staged(lm, visual, text_ids, text_valid, k, position_mode, layer=layer,
-                   recycle_frac=recycle_frac, text_embeds=text_embeds)
+                   recycle_frac=recycle_frac, text_embeds=text_embeds, prefix_ids=prefix_ids,
+                   prefix_valid=prefix_valid)
   return out.logits, out.index
 
 
