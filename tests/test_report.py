@@ -48,3 +48,26 @@ def test_ablation_summary_mean_and_std_over_seeds():
   assert summary['grip:per_budget']['accuracy_std'] is None
   text = ablations.summary_markdown(list(summary.values()))
   assert '60.0 ± 14.1 (n=2)' in text and '60.0 (n=1)' in text
+
+
+def test_awareness_table_and_validation_curve(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  grip = dict(_row('grip', 8, 0.80, 1.0), question_swap_accuracy=0.65, budget_nesting=0.5)
+  rows = [_row('full', 144, 0.90, 4.0), grip, _row('dart', 8, 0.7, 1.0)]
+  table = report.awareness_table(rows)
+  assert table.splitlines()[2] == '| 0.0556 | 8 | keep | 80.0 | 65.0 | 15.0 | 0.500 |'
+  assert len(table.splitlines()) == 3  # only the grip row
+  assert report.awareness_table([_row('dart', 8, 0.7, 1.0)]) is None
+  metrics = tmp_path / 'metrics.jsonl'
+  log = [{'step': 0, 'phase': 0, 'val/reward': -3.0, 'val/accuracy': 0.5},
+         {'step': 10, 'phase': 0, 'loss': 1.0, 'val/reward': -1.0, 'val/accuracy': 0.75},
+         {'step': 15, 'phase': 1, 'loss': 1.0},  # a row without the curve
+         {'step': 20, 'phase': 1, 'val/reward': -0.5, 'val/accuracy': 0.8}]
+  metrics.write_text('\n'.join(json.dumps(r) for r in log) + '\n')
+  assert [r['step'] for r in report.read_validation_curve(str(metrics))] == [0, 10, 20]
+  results = tmp_path / 'results.json'
+  results.write_text(json.dumps(rows))
+  text = open(report.write_report(str(results), str(tmp_path), str(metrics))).read()
+  assert '| 0.0556 | 8 | keep | 80.0 | 65.0 | 15.0 | 0.500 |' in text
+  assert 'End of the warm-up (step 10): reward -1.000, accuracy 75.0%; last step (20): reward -0.500' in text
+  assert (tmp_path / 'validation_curve.png').exists()

@@ -203,9 +203,15 @@ def load_agent(config, vlm):
 
 
 def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_modes,
-             num_examples=None, progress=True, agent=None, split: str = 'test') -> list[dict[str, Any]]:
+             num_examples=None, progress=True, agent=None, split: str = 'test', *, batches=None,
+             task_names=None) -> list[dict[str, Any]]:
   """Runs every (method, budget, position mode) on the same examples of `source` (the examples of
-  `split`, recorded in each row); returns result rows."""
+  `split`, recorded in each row); returns result rows.
+
+  `batches` replaces the GRIP-Bench batches of `source` (`pipeline.eval_batches`) with any iterator
+  of batches in that format covering its first `num_examples` rows (e.g. `hf_data.eval_batches`);
+  `task_names` then names its `task_id`s (default: GRIP-Bench's task families).
+  """
   from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n = runtime.num_visual_tokens_of(vlm)
@@ -224,8 +230,9 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   encode = make_encode(vlm)
   results = {job: {'correct': [], 'recall': [], 'seconds': 0.0, 'batch_seconds': []} for job in jobs}
   tasks = []
-  batches = pipeline.eval_batches(source, tokenizer, config.eval.batch_size,
-                                  config.data.max_question_len, num_examples)
+  if batches is None:
+    batches = pipeline.eval_batches(source, tokenizer, config.eval.batch_size,
+                                    config.data.max_question_len, num_examples)
   total = len(source) if num_examples is None else min(num_examples, len(source))
   bar = tqdm(total=len(jobs) * -(-total // config.eval.batch_size), desc='eval',
              disable=not progress, mininterval=2.0)
@@ -277,7 +284,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     flops = selection_costs.row_flops(config, method, k, question_len, vlm_vocab)
     correct = np.concatenate(results[job]['correct'])
     recall = np.concatenate(results[job]['recall'])
-    per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(scenes.TASKS)
+    per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(task_names or scenes.TASKS)
                 if np.any(tasks == t)}
     rows.append({
         'method': method, 'budget': rho, 'position_mode': mode, 'kept_tokens': k, 'split': split,
@@ -349,7 +356,9 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   with open(tmp, 'w') as f:
     json.dump(rows, f, indent=1)
   os.replace(tmp, results_path)
-  report_path = report_lib.write_report(results_path, out_dir)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')  # The agent trained in this workdir (demo).
+  report_path = report_lib.write_report(results_path, out_dir,
+                                        metrics_path if os.path.exists(metrics_path) else None)
   print(report_lib.table(rows))
   print(report_lib.vision_line(rows) or '')
   print(f'\nresults: {results_path}\nreport:  {report_path}')

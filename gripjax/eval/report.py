@@ -225,8 +225,61 @@ def plot_kept_patches(rows, path: str, mode: str = 'keep') -> str | None:
   return path
 
 
-def write_report(results_path: str, out_dir: str) -> str:
-  """Writes `out_dir/report.md` (and plots) from results.json; returns the report's path."""
+def awareness_table(rows: list[dict[str, Any]]) -> str | None:
+  """Markdown table of the agent's awareness columns (gripjax/eval/awareness.py); None without them."""
+  aware = [r for r in rows if r.get('question_swap_accuracy') is not None]
+  if not aware:
+    return None
+  lines = ['| budget | kept | mode | accuracy % | with another question % | cost of the swap (points) '
+           '| budget nesting |', '|---|---|---|---|---|---|---|']
+  for r in sorted(aware, key=lambda r: (r['position_mode'], -r['budget'])):
+    swap = r['question_swap_accuracy']
+    lines.append(f"| {r['budget']:.3g} | {r['kept_tokens']} | {r['position_mode']} | "
+                 f"{_fmt(r['accuracy'])} | {_fmt(swap)} | "
+                 f"{_fmt(r['accuracy'] - swap)} | {r['budget_nesting']:.3f} |")
+  return '\n'.join(lines)
+
+
+def read_validation_curve(metrics_path: str) -> list[dict[str, Any]]:
+  """The rows of a trainer's metrics.jsonl that carry the validation curve (`val/reward`)."""
+  if not metrics_path or not os.path.exists(metrics_path):
+    return []
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if 'val/reward' in r]
+
+
+def plot_validation_curve(curve: list[dict[str, Any]], path: str) -> str | None:
+  """Greedy validation reward and accuracy per training step, the warm-up shaded; None if empty."""
+  plt = _pyplot()
+  if plt is None or not curve:
+    return None
+  steps = [r['step'] for r in curve]
+  fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+  budgets = sorted({k.split('@', 1)[1] for r in curve for k in r if k.startswith('val/reward@')})
+  for ax, key, label in ((ax_r, 'val/reward', 'validation reward (greedy keep-sets)'),
+                         (ax_a, 'val/accuracy', 'validation accuracy (greedy keep-sets)')):
+    ax.plot(steps, [r[key] for r in curve], color='black', lw=2, label='mean')
+    for b in budgets:
+      ax.plot(steps, [r.get(f'{key}@{b}') for r in curve], lw=1, label=f'rho={b}')
+    warm = [r['step'] for r in curve if r.get('phase') == 0]
+    if warm:
+      ax.axvspan(0, max(warm), color='0.9', label='warm-up')
+    ax.set_xlabel('training step')
+    ax.set_title(label, fontsize=10)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def write_report(results_path: str, out_dir: str, metrics_path: str | None = None) -> str:
+  """Writes `out_dir/report.md` (and plots) from results.json; returns the report's path.
+
+  With `metrics_path` (the agent's training log, metrics.jsonl) the report also shows its
+  validation curve.
+  """
   with open(results_path) as f:
     rows = json.load(f)
   lines = ['# GRIP-Bench evaluation', '',
@@ -244,6 +297,24 @@ def write_report(results_path: str, out_dir: str) -> str:
   for plot, name, caption in plots:
     if plot(rows, os.path.join(out_dir, name)):
       lines += [f'## {caption[0].upper() + caption[1:]}', '', f'![{caption}]({name})', '']
+  aware = awareness_table(rows)
+  if aware:
+    lines += ['## Does the agent use its question and its budget?', '',
+              'Same examples as the table above. *With another question*: the keep-set is chosen with '
+              'the next example\'s question and answered with the right one. *Budget nesting*: Jaccard of '
+              'the top-k at rho and the top-k the agent ranks at 2 rho (1.0: the budget input changes '
+              'nothing in the first k).', '', aware, '']
+  curve = read_validation_curve(metrics_path)
+  if plot_validation_curve(curve, os.path.join(out_dir, 'validation_curve.png')):
+    first_rl = next((r for r in curve if r.get('phase') == 1), None)
+    warm_end = [r for r in curve if r.get('phase') == 0]
+    lines += ['## Validation curve of the agent\'s training', '',
+              f'From `{metrics_path}`: greedy keep-sets on fixed validation examples at each log step.']
+    if warm_end and first_rl:
+      lines += ['', f"End of the warm-up (step {warm_end[-1]['step']}): reward {warm_end[-1]['val/reward']:.3f}, "
+                f"accuracy {_fmt(warm_end[-1]['val/accuracy'])}%; last step ({curve[-1]['step']}): "
+                f"reward {curve[-1]['val/reward']:.3f}, accuracy {_fmt(curve[-1]['val/accuracy'])}%."]
+    lines += ['', '![validation curve](validation_curve.png)', '']
   speedups = equal_accuracy_speedups(rows)
   if speedups:
     lines += ['## Equal-accuracy speed-up of the agent', '',
