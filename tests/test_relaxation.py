@@ -259,8 +259,8 @@ def test_perturbed_top_k_forward_is_hard_top_k():
   np.testing.assert_array_equal(mask, np.asarray(hard, np.float32))
 
 
-@pytest.mark.parametrize('k', [1, 2])
-def test_perturbed_top_k_gradient_matches_the_smoothed_top_k(k):
+@pytest.mark.parametrize('k,centered', [(1, True), (2, True), (2, False)])
+def test_perturbed_top_k_gradient_matches_the_smoothed_top_k(k, centered):
   """On 4 tokens: the estimator of d/ds c . E[topk(s + sigma Z)] against central differences of
   that smoothed objective computed by quadrature."""
   s = np.asarray([0.5, -0.3, 1.0, 0.0])
@@ -272,7 +272,7 @@ def test_perturbed_top_k_gradient_matches_the_smoothed_top_k(k):
 
   def objective(v):  # c . (mean over samples of the hard masks): the Monte-Carlo smoothed top-k.
     mask, _ = relaxation.perturbed_top_k(jax.random.PRNGKey(7), v[None], jnp.asarray([k]), k, sigma,
-                                         samples)
+                                         samples, centered)
     return jnp.sum(jnp.mean(mask[0], axis=0) * c), jnp.mean(mask[0], axis=0)
 
   grad, mean_mask = jax.grad(objective, has_aux=True)(jnp.asarray(s, jnp.float32))
@@ -280,6 +280,23 @@ def test_perturbed_top_k_gradient_matches_the_smoothed_top_k(k):
   np.testing.assert_allclose(mean_mask, _smoothed_top_k(s, k, sigma), atol=5e-3)
   np.testing.assert_allclose(grad, ref, atol=0.03)
   assert np.max(np.abs(ref)) > 0.3  # A gradient worth matching.
+
+
+def test_centered_perturbed_gradient_is_zero_when_every_sample_agrees():
+  """With logit gaps far above sigma every sample keeps tokens {0, 1}: the smoothed top-k is flat,
+  so the centered estimate is exactly 0; the plain one is y (mean_s Z_s)^T / sigma by hand."""
+  s = jnp.asarray([[50.0, 40.0, -40.0, -50.0]])
+  z = np.asarray(np.random.default_rng(5).normal(size=(1, 3, 4)), np.float32)
+  c = np.asarray([1.0, 2.0, -1.0, 0.5])
+
+  def grad(centered):
+    f = lambda v: jnp.sum(c * relaxation.perturbed_top_k_from_noise(v, z, jnp.asarray([2]), 2, 0.5,
+                                                                     centered)[0])
+    return np.asarray(jax.grad(f)(s))
+
+  np.testing.assert_array_equal(grad(True), np.zeros((1, 4)))
+  # Plain: sum_s c . y_s = 3 (c_0 + c_1) = 9 times J = y zbar^T / sigma: grad = (y . 3c) zbar / sigma.
+  np.testing.assert_allclose(grad(False), 3 * 3.0 * z.mean(1) / 0.5, rtol=1e-5)
 
 
 # --- Each relaxation's phase on a toy VLM: forwards per example; it learns the right tokens. ---
