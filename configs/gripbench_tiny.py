@@ -124,7 +124,8 @@ def get_config(arg=None):
   # --- Agent ablations (--mode=ablations): variants x seeds, same examples and budgets. -----------
   c.ablation = ml_collections.ConfigDict()
   c.ablation.variants = (  # Variants (gripjax/eval/ablations.py), each trained per seed.
-      'budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'per_budget')
+      'budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'gumbel_sigmoid', 'perturbed_topk',
+      'per_budget')
   c.ablation.seeds = (0, 1, 2)  # One training run per variant (and budget, for per_budget) per seed.
   c.ablation.train_steps = 120  # Steps of every run (warm-up + GRPO, or the relaxation's steps).
   c.ablation.warmup_steps = 40  # Of which warm-up (budget_aware, per_budget; all of warmup_only).
@@ -157,6 +158,7 @@ def get_config(arg=None):
   c.train.kl_coef = 0.02  # Weight of the KL penalty to the warm-up policy.
   c.train.kl_estimator = 'step'  # KL to the warm-up policy: 'step' (exact, mean per selection step) or 'k3' (per keep-set).
   c.train.ppo_epochs = 1  # GRPO updates per rollout batch (the clip acts from the second on).
+  c.train.adv_scale = 'group'  # Scale of the group-centred rewards: 'group' std (GRPO), one 'batch' std, or 'none' (Dr. GRPO).
   c.train.teacher = 'attention'  # Warm-up teacher: 'attention' (answer-slot attention) or 'loo'.
   c.train.warmup_top = 16  # ListMLE fits the teacher's top-m order, m = min(this, N).
   c.train.warmup_kl_coef = 0.0  # Weight of KL(teacher softmax || scorer softmax) added to ListMLE.

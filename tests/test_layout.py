@@ -27,6 +27,7 @@ from tests.helpers import load_config
 from tests.test_inference import random_tree
 from tests.test_inference import tiny_config as inference_config
 from tests.test_models import reference_llm
+from tests.test_pruning_inlm import random_params  # LM-only random variables
 
 N, DEPTH, D, HEADS, K = 16, 3, 32, 4, 5  # (32 / 8) ** 2 visual tokens; 3 layers so PyramidDrop drops twice.
 MODES = ('keep', 'renumber')
@@ -49,21 +50,6 @@ def tiny_config():
   c.model.llm.update(dict(vocab_size=20, width=D, depth=DEPTH, num_heads=HEADS, num_kv_heads=2, mlp_dim=64,
                           max_len=64))
   return c
-
-
-def random_params(model):
-  """LM-only variables, random, shaped by an abstract init (the layout never touches the vision tower).
-  Kernels ~ N(0, 1 / fan_in), unit-variance embeddings: attention stays peaked, logits O(1)."""
-  abstract = jax.eval_shape(functools.partial(vlm_lib.init_params, model), jax.random.key(0))
-  rng = np.random.default_rng(0)
-
-  def fill(path, x):
-    if path[-1].key == 'scale':
-      return jnp.ones(x.shape, x.dtype)
-    std = 1.0 if path[-1].key == 'embedding' else x.shape[0] ** -0.5
-    return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
-
-  return {'params': {'llm': jax.tree_util.tree_map_with_path(fill, abstract['params']['llm'])}}
 
 
 @pytest.fixture(scope='module')

@@ -115,6 +115,8 @@ def check(config) -> None:
     cl.choice(config, 'train.kl_estimator', grpo.KL_ESTIMATORS)
   if 'ppo_epochs' in t:
     cl.integer(config, 'train.ppo_epochs')
+  if 'adv_scale' in t:
+    cl.choice(config, 'train.adv_scale', grpo.ADV_SCALES)
 
 
 # The phase after the warm-up, by `train.algorithm`: a factory config -> phase (see rl/phase.py).
