@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from gripjax.models import scorer as scorer_lib
+from gripjax.models import vit as vit_lib
 
 # Bytes per value of the activation dtypes of `config.model.dtype` (the KV cache is stored in it).
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
@@ -94,9 +95,8 @@ def vision_feature_layers(config) -> int:
 
 
 def num_patches(config) -> int:
-  """N, the patches (visual tokens) of one image: (image_size // patch_size) ** 2."""
-  vit = config.model.vit
-  return (vit.image_size // vit.patch_size) ** 2
+  """N, the visual tokens of one image (`vit.num_visual_tokens`)."""
+  return vit_lib.num_visual_tokens(config)
 
 
 def scorer_flops(config, n_tokens: int, text_len: int) -> int:

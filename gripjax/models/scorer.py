@@ -45,6 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gripjax.models import vit as vit_lib
+
 
 def rho_features(rho: jax.Array, num: int) -> jax.Array:
   """Sinusoidal budget features: (B,) rho -> (B, num + 1).
@@ -183,5 +185,4 @@ def scorer_param_count(config, n_tokens: int | None = None, text_len: int = 4) -
 
 
 def _num_tokens(config):
-  vit = config.model.vit
-  return (vit.image_size // vit.patch_size) ** 2
+  return vit_lib.num_visual_tokens(config)

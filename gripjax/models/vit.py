@@ -140,6 +140,12 @@ class VitConfig:
     return i
 
 
+def num_visual_tokens(config) -> int:
+  """N, the visual tokens of one image under a full config (`config.model.vit`): the patches, plus
+  the CLS token under feature_select_strategy='full'. The one definition every module reads."""
+  return VitConfig.from_config(config.model.vit).num_tokens
+
+
 def preprocess(pixels: jax.Array, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> jax.Array:
   """Checks pixels and normalizes them in float32: (x - mean) / std, x in [0, 1].
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from gripjax.models import costs
+from gripjax.models import vit as vit_lib
 from gripjax.models.vlm import check_position_mode
 from gripjax.models.vlm import select_by_mode
 from gripjax.models.vlm import DEFAULT_PREFIX_LEN
@@ -328,8 +329,7 @@ def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drop
 
 
 def _num_visual_tokens(config) -> int:
-  vit = config.model.vit
-  return (vit.image_size // vit.patch_size) ** 2
+  return vit_lib.num_visual_tokens(config)
 
 
 def inlm_schedule(config, method: str, k: int, **hparams) -> Drops:

@@ -305,7 +305,7 @@ def image_dependence(vlm, params, batch, position_mode='keep') -> dict[str, jax.
   shuffled = image_answer_logits(vlm, params, batch, position_mode,
                            pixels=jnp.roll(batch['pixels'], 1, axis=0))
   b = batch['pixels'].shape[0]
-  n = (vlm.config.vit.image_size // vlm.config.vit.patch_size) ** 2
+  n = vlm_lib.ModelConfig.from_config(vlm.config).num_visual_tokens
   blind = image_answer_logits(vlm, params, batch, position_mode, visual_valid=jnp.zeros((b, n), bool))
   visual, _ = vlm.apply({'params': params}, batch['pixels'], method='encode_image')
   text_emb = vlm.apply({'params': params}, batch['question_ids'], method='embed_text')
