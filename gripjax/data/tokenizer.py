@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 
 from gripjax import config_lib
+from gripjax.data.grip_bench import scenes
 
 SPECIAL_TOKENS = ('<pad>', '<bos>', '<eos>', '<sep>', '<unk>')
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'vocab.txt')
@@ -59,7 +60,6 @@ def check(config) -> None:
 
 def expected_vocab():
   """The vocabulary that vocab.txt must hold: special tokens, then the sorted benchmark words."""
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   return SPECIAL_TOKENS + tuple(w for w in scenes.vocabulary_words() if w not in SPECIAL_TOKENS)
 
 

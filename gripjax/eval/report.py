@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from gripjax.data.grip_bench import scenes
+
 
 def _fmt(x, digits=1):
   return '-' if x is None else f'{100 * x:.{digits}f}'
@@ -179,7 +181,6 @@ def plot_kept_patches(rows, path: str, mode: str = 'keep') -> str | None:
   Dropped patches are darkened; the answer region is outlined in cyan. The images are redrawn from
   the data config stored in the rows (GRIP-Bench examples are a pure function of it).
   """
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   plt = _pyplot()
   picked = {}
   for r in rows:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gripjax.models import vit as vit_lib
 from gripjax.models import vlm as vlm_lib
 from gripjax.train import sharding as sharding_lib
 
@@ -223,7 +224,6 @@ def model_config(path_or_hf, base: Optional[ml_collections.ConfigDict] = None) -
   hf = path_or_hf if isinstance(path_or_hf, dict) else read_hf_config(path_or_hf)
   sections = _sections(hf)
   if base is None:
-    from gripjax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
     base = ml_collections.ConfigDict(dict(
         vit=dict(feature_layer=-2, layer_norm_eps=1e-5, feature_select_strategy='default',
                  hidden_act='quick_gelu', image_mean=vit_lib.CLIP_MEAN, image_std=vit_lib.CLIP_STD),

@@ -30,6 +30,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -212,7 +213,6 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
         dest.rmtree()
       (directory / str(step)).rename(dest)
       logging.warning('moved the unusable checkpoint at step %d to %s', step, dest)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('gripjax_checkpoint_set_aside')
   manager.reload()
