@@ -6,6 +6,16 @@ preprocessor config and safetensors weights, e.g. a download of llava-hf/llava-1
   python -m gripjax.main --config=configs/llava_hf.py:PATH --mode=validate_config
   python -m gripjax.main --config=configs/llava_hf.py:tests/fixtures/hf_llava_tiny --mode=validate_config \\
       --config.hf.benchmark=textvqa_ocr --config.hf.data_path=/data/textvqa/validation
+  # Every pruner at every budget on POPE, plus POPE's own scores from pruned generation:
+  python -m gripjax.main --config=configs/llava_hf.py:PATH --mode=eval --workdir=/tmp/pope \\
+      --config.hf.template=$'<image>\\n{question}' --config.hf.benchmark=pope --config.hf.data_path=POPE.parquet
+  # Train the agent on a JSONL dataset ({"image", "question", "answer"} per line), then bundle it:
+  python -m gripjax.main --config=configs/llava_hf.py:PATH --mode=train_agent --workdir=/tmp/agent \\
+      --config.hf.template=$'<image>\\n{question}' --config.hf.data_format=jsonl --config.hf.data_path=qa.jsonl
+  python -m gripjax.main --config=configs/llava_hf.py:PATH --mode=export --workdir=/tmp/agent \\
+      --config.hf.template=$'<image>\\n{question}'
+(gripjax/data/hf_data.py: the template must put only <bos> before the image while the model's sequence
+is [<bos>][visual][text]; bash's $'...' turns \\n into a newline.)
 
 What comes from the checkpoint (read once, here):
   model.*            gripjax.models.hf_llava.model_config(PATH): every field config.json decides,
@@ -50,7 +60,10 @@ def get_config(arg=None):
     raise ValueError(f'configs/llava_hf.py:{arg}: {path} is not a directory; expected an HF LLaVA checkpoint '
                      'directory (config.json, tokenizer.json, processor config, safetensors).')
   c = _tiny_config()
-  c.model = hf_llava.model_config(path, base=c.model)
+  try:
+    c.model = hf_llava.model_config(path, base=c.model)
+  except hf_llava.CheckpointError as e:  # e.g. another architecture's config.json
+    raise ValueError(f'configs/llava_hf.py:{arg}: {os.path.join(path, hf_llava.CONFIG_FILE)}: {e}') from None
   image = hf_image.ImageProcessorConfig.load(path)
   mean, std = hf_image.tower_stats(image)
   c.model.vit.image_mean = mean  # The tower's (x / 255 - mean) / std equals the processor's.
@@ -63,6 +76,7 @@ def get_config(arg=None):
   # Chat template: '<image>' once (the image's token slots) and '{question}' once.
   c.hf.template = hf_tokenizer.DEFAULT_TEMPLATE
   c.hf.text_len = 64  # Token slots after the image (question and template tail), left-padded.
+  c.data.max_question_len = c.hf.get_ref('text_len')  # One field: the text slots every path reads.
   # Image processor fields (gripjax/data/hf_image.py ImageProcessorConfig): shortest_edge 0 and
   # resize_hw () stand for None; do_pad is LLaVA's pad-to-square with the mean colour.
   c.hf.image = ml_collections.ConfigDict(image.to_section())
@@ -71,9 +85,16 @@ def get_config(arg=None):
   c.hf.benchmark = ml_collections.FieldReference(None, field_type=str)
   c.hf.data_path = ml_collections.FieldReference(None, field_type=str)  # File, directory or glob.
   c.hf.data_format = 'benchmark'  # One of hf_tokenizer.DATA_FORMATS: 'benchmark', 'jsonl', 'llava_json'.
-  c.hf.image_root = ''  # Directory that a jsonl / LLaVA JSON file's image paths are relative to.
+  c.hf.image_root = ''  # Directory that a jsonl / LLaVA JSON file's image paths are relative to ('': the file's).
+  # Bad data rows (missing or unreadable image, missing field, prompt longer than text_len): False
+  # stops with an error naming the file, row and field; True skips them, counted in the results.
+  c.hf.skip_bad_rows = False
+  c.hf.max_new_tokens = 16  # Greedy tokens generated per row for the benchmark's own score (eval).
 
   c.vlm_checkpoint = None  # The weights are the checkpoint's safetensors (hf_llava.load_params).
   c.agent.checkpoint = None  # The shipped agent has the tiny model's geometry.
   c.eval.methods = tuple(m for m in c.eval.methods if m != 'grip')
+  c.eval.batch_size = 16  # Rows per evaluation batch (each is also one generation batch).
+  c.eval.picture_examples = 0  # The report's pictures redraw GRIP-Bench scenes: none for other data.
+  c.train.val_examples = 0  # The validation curve reads GRIP-Bench: off for a user's dataset.
   return c

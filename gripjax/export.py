@@ -18,6 +18,9 @@ Layout (everything a fresh process needs; nothing points back at the training wo
                        the vocabulary size and the sha256 of every other file of the bundle
   BUNDLE/config.json   the full config (`ConfigDict.to_json`; `read_config` restores the tuples)
   BUNDLE/vocab.txt     the tokenizer's vocabulary, one token per line (line number = id)
+  BUNDLE/tokenizer/    instead of vocab.txt for an HF checkpoint (a config with an `hf` section):
+                       its tokenizer files, config.json and processor config (hf_data.TOKENIZER_FILES),
+                       read back with the config's chat template (hf_data.PromptTokenizer)
   BUNDLE/vlm/          Orbax checkpoint of the VLM params (the inner 'params' tree)
   BUNDLE/agent/        Orbax checkpoint of the agent (scorer) params
 
@@ -50,6 +53,7 @@ from gripjax import checks
 from gripjax import config_lib
 from gripjax import inference
 from gripjax import runtime
+from gripjax.data import hf_data
 from gripjax.data import tokenizer as tokenizer_lib
 from gripjax.models import scorer as scorer_lib
 from gripjax.train import checkpoint
@@ -60,6 +64,7 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = 'bundle.json'
 CONFIG_FILE = 'config.json'
 VOCAB_FILE = 'vocab.txt'
+TOKENIZER_DIR = 'tokenizer'  # An HF checkpoint's tokenizer files (instead of VOCAB_FILE).
 VLM_DIR = 'vlm'
 AGENT_DIR = 'agent'
 
@@ -99,6 +104,8 @@ def _read_json(path, what: str):
 
 def _check_vocab_size(root, manifest: dict[str, Any]) -> None:
   """BundleError unless vocab.txt holds the manifest's `vocab_size` tokens."""
+  if manifest.get('vocab') is None:  # An HF tokenizer: its files are covered by the checksums.
+    return
   vocab_path = root / manifest['vocab']
   want = manifest.get('vocab_size')
   if vocab_path.exists() and isinstance(want, int):
@@ -224,10 +231,17 @@ def export_bundle(path: str, config: ml_collections.ConfigDict, vlm_params, agen
   checkpoint.save_params(str(work / VLM_DIR), vlm_params)
   checkpoint.save_params(str(work / AGENT_DIR), agent_params)
   (work / CONFIG_FILE).write_text(config_to_json(config))
-  (work / VOCAB_FILE).write_text('\n'.join(tokenizer.tokens) + '\n')
+  hf = 'hf' in config
+  if hf:  # The checkpoint's tokenizer files; load_bundle pairs them with config.hf.template.
+    (work / TOKENIZER_DIR).mkdir()
+    for name, data in hf_data.tokenizer_files(config).items():
+      (work / TOKENIZER_DIR / name).write_bytes(data)
+  else:
+    (work / VOCAB_FILE).write_text('\n'.join(tokenizer.tokens) + '\n')
   files = bundle_files(work)  # sha256 of every file, verified by `load_bundle`.
   manifest = {
-      'format': FORMAT, 'version': VERSION, 'config': CONFIG_FILE, 'vocab': VOCAB_FILE,
+      'format': FORMAT, 'version': VERSION, 'config': CONFIG_FILE, 'vocab': None if hf else VOCAB_FILE,
+      'tokenizer': TOKENIZER_DIR if hf else None,
       'vlm': VLM_DIR, 'agent': AGENT_DIR, 'num_visual_tokens': runtime.num_visual_tokens_of(vlm),
       'vocab_size': tokenizer.vocab_size, 'max_question_len': int(config.data.max_question_len),
       'position_mode': config.model.position_mode, 'source': source or {}, 'files': files,
@@ -258,16 +272,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       raise ValueError(f'config.agent.checkpoint=None and {agent_path} does not exist: expected '
                        'the trained agent, from --mode=train_agent in this --workdir or given as '
                        '--config.agent.checkpoint=PATH.')
-  tok = runtime.tokenizer()
+  tok = runtime.tokenizer_for(config)
   vlm = runtime.make_model(config, tok)
   vlm_params = runtime.load_vlm_params(config, vlm)
   _, agent_abstract = _abstract_params(config, vlm)
   agent_params = checkpoint.load_params(agent_path, agent_abstract)
   export_dir = config.export.dir if 'export' in config else None
   out = export_dir or os.path.join(workdir, 'bundle')
-  return export_bundle(out, config, vlm_params, agent_params, tok,
-                       source={'vlm_checkpoint': config_lib.resolve_path(config.vlm_checkpoint),
-                               'agent_checkpoint': agent_path})
+  source = {'vlm_checkpoint': config_lib.resolve_path(config.vlm_checkpoint), 'agent_checkpoint': agent_path}
+  if 'hf' in config:  # The VLM's weights are the HF checkpoint's.
+    source['hf_checkpoint'] = config_lib.resolve_path(config.hf.checkpoint)
+  return export_bundle(out, config, vlm_params, agent_params, tok, source=source)
 
 
 # --- Reading. ------------------------------------------------------------------------------------
@@ -294,6 +309,8 @@ class Bundle:
     self.scorer = scorer_lib.make_scorer(config)
     self.agent_params = agent_params
     kwargs = {} if batch_sizes is None else {'batch_sizes': batch_sizes}
+    # An HF tokenizer's chat template may put text before the image (hf_data.PromptTokenizer).
+    kwargs['prefix_ids'] = getattr(tokenizer, 'layout_prefix', None)
     self.generator = inference.PrunedGenerator(config, vlm, vlm_params, tokenizer, 'grip',
                                                agent_params, **kwargs)
 
@@ -349,7 +366,8 @@ def load_bundle(path: str, batch_sizes: Optional[Sequence[int]] = None, verify: 
         f'format {manifest.get("format")!r} version {manifest.get("version")!r}')
     raise BundleError(f'{manifest_path} has {got}: expected {FORMAT!r} version '
                       f'{" or ".join(map(str, READABLE_VERSIONS))}.')
-  missing = [k for k in ('config', 'vocab', 'vlm', 'agent') if not isinstance(manifest.get(k), str)]
+  tokenizer_key = 'tokenizer' if manifest.get('tokenizer') else 'vocab'  # HF tokenizer files, or vocab.txt.
+  missing = [k for k in ('config', tokenizer_key, 'vlm', 'agent') if not isinstance(manifest.get(k), str)]
   if missing:
     raise BundleError(f'{manifest_path} is damaged: it lacks the entries {missing}. Export the '
                       'bundle again (--mode=export).')
@@ -358,9 +376,16 @@ def load_bundle(path: str, batch_sizes: Optional[Sequence[int]] = None, verify: 
   else:
     _check_vocab_size(root, manifest)
   config_json = _read_json(root / manifest['config'], 'the config')
+  if tokenizer_key == 'tokenizer':  # The tokenizer (and the start-up check) read the bundle's copy.
+    config_json['hf'].update(checkpoint=str(root / manifest['tokenizer']), tokenizer=None)
   config = read_config(json.dumps(config_json))
-  tokens = _vocab_tokens((root / manifest['vocab']).read_text())
-  tok = tokenizer_lib.Tokenizer(tokens)
+  if tokenizer_key == 'tokenizer':
+    tok = hf_data.PromptTokenizer.from_config(config)
+    if tok.vocab_size != manifest.get('vocab_size'):
+      raise BundleError(f'{root / manifest["tokenizer"]} is damaged: its tokenizer has {tok.vocab_size} tokens, '
+                        f'the bundle was exported with {manifest.get("vocab_size")}.')
+  else:
+    tok = tokenizer_lib.Tokenizer(_vocab_tokens((root / manifest['vocab']).read_text()))
   config.vlm_checkpoint = str(root / manifest['vlm'])
   config.agent.checkpoint = str(root / manifest['agent'])
   vlm = runtime.make_model(config, tok)

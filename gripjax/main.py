@@ -34,8 +34,10 @@ from gripjax import demo
 from gripjax import export
 from gripjax import logs
 from gripjax import workdir as workdir_lib
+from gripjax.data import hf_data
 from gripjax.eval import ablations
 from gripjax.eval import evaluate
+from gripjax.eval import hf_eval
 from gripjax.train import distributed
 from gripjax.train import pretrain
 from gripjax.train import trainer
@@ -91,7 +93,7 @@ def main(argv):
   elif mode == 'train_agent':
     try:
       trainer.run(config, workdir)
-    except trainer.ckpt_lib.CheckpointError as e:  # e.g. a config that changed the state's shapes
+    except (trainer.ckpt_lib.CheckpointError, *hf_data.INPUT_ERRORS) as e:  # e.g. changed shapes, bad rows
       sys.exit(f'error: {e}')
   elif mode == 'export':
     try:
@@ -103,6 +105,11 @@ def main(argv):
     demo.run(config, workdir)
   elif mode == 'ablations':
     ablations.run(config, workdir)
+  elif mode == 'eval' and 'hf' in config:  # An HF checkpoint on a benchmark file or a user's dataset.
+    try:
+      hf_eval.run(config, workdir)
+    except hf_data.INPUT_ERRORS as e:
+      sys.exit(f'error: {e}')
   elif mode == 'eval':
     evaluate.run(config, workdir)
 

@@ -18,6 +18,15 @@ def tokenizer():
   return tokenizer_lib.Tokenizer.load()
 
 
+def tokenizer_for(config):
+  """`config`'s tokenizer: an HF checkpoint's with its template (a config with an `hf` section,
+  `hf_data.PromptTokenizer`), else the shipped word-level one."""
+  if 'hf' in config:
+    from gripjax.data import hf_data  # pylint: disable=g-import-not-at-top  # Lazy, as above.
+    return hf_data.PromptTokenizer.from_config(config)
+  return tokenizer()
+
+
 def vocab_size(config, tok=None) -> int:
   """`config.model.llm.vocab_size`, or the tokenizer's when it is 0."""
   tok = tok or tokenizer()
@@ -61,9 +70,13 @@ def max_objects() -> int:
 
 
 def load_vlm_params(config, vlm, path: str | None = None):
-  """The VLM params from `path` (default: config.vlm_checkpoint), or random ones when that is None."""
+  """The VLM params from `path` (default: config.vlm_checkpoint), or random ones when that is None
+  (with an `hf` section: the HF checkpoint's)."""
   from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   path = config_lib.resolve_path(path or config.vlm_checkpoint)
+  if path is None and 'hf' in config:  # The HF checkpoint's safetensors (configs/llava_hf.py).
+    from gripjax.data import hf_data  # pylint: disable=g-import-not-at-top  # Lazy, as above.
+    return hf_data.load_params(config)
   abstract = jax.eval_shape(functools.partial(init_params, vlm), jax.random.PRNGKey(0))
   if path is None:
     logging.warning('config.vlm_checkpoint is None: using randomly initialised VLM weights')

@@ -114,6 +114,8 @@ def make_eval_step(vlm, method: str, k: int, agent=None, rho: float | None = Non
     visual = enc['visual']  # (B, N, D)
     b = visual.shape[0]
     text = (batch['question_ids'], batch['question_valid'])
+    # Text before the image (a chat template's head) when the batch carries it; else <bos> alone.
+    prefix = {key: batch[key] for key in ('prefix_ids', 'prefix_valid') if key in batch}
     if method in ('full', 'shuffled'):
       if method == 'shuffled':  # every question sees the next example's image
         visual = jnp.roll(visual, 1, axis=0)
@@ -125,7 +127,7 @@ def make_eval_step(vlm, method: str, k: int, agent=None, rho: float | None = Non
     elif pruning.is_in_lm(method):
       # Dropped inside the LM: the method runs the LM itself and returns the answer logits.
       lm = inlm.LmHandle(params=params, model=vlm)
-      logits, index = inlm.run(method, lm, visual, *text, k, position_mode)
+      logits, index = inlm.run(method, lm, visual, *text, k, position_mode, **prefix)
       return _score(logits, index, jnp.ones(index.shape, bool), batch)
     else:
       fields = dict(tokens=visual, features=enc['features'], cls_attn=enc['cls_attn'],
@@ -143,7 +145,7 @@ def make_eval_step(vlm, method: str, k: int, agent=None, rho: float | None = Non
       tokens, index = kept.tokens, kept.index
       valid = jnp.ones(index.shape, bool)
     logits = vlm.apply({'params': params}, tokens, index, valid, *text, position_mode,
-                       method='answer_logits')  # (B, vocab)
+                       method='answer_logits', **prefix)  # (B, vocab)
     return _score(logits, index, valid, batch)
 
   return jax.jit(step)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from gripjax import config_lib
 from gripjax import runtime
+from gripjax.data import hf_data
 from gripjax.data import pipeline
 from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
@@ -64,6 +65,8 @@ def _load_vlm_params(config, vlm, mesh):
   abstract = jax.eval_shape(init, rng)
   shardings = step_lib.vlm_param_shardings(abstract, mesh, config)
   path = config_lib.resolve_path(config.vlm_checkpoint)
+  if path is None and 'hf' in config:  # An HF checkpoint's safetensors, placed tensor by tensor.
+    return hf_data.load_params(config, mesh, sharding.rules_from_config(config, 'vlm_params')), shardings
   if path is None:
     logging.warning('config.vlm_checkpoint is None: using randomly initialised VLM weights')
     return jax.jit(init, out_shardings=shardings)(rng), shardings
@@ -168,7 +171,10 @@ def _validator(config, vlm, scorer, tok, workdir, mesh):
   """`validate(agent_params, vlm_params) -> {metric: float}` on the first `train.val_examples`
   validation examples (`train/validation.py`), replicated over the mesh; None when 0."""
   count = config.train.get('val_examples', 0)
-  if not count:
+  if count and 'hf' in config:
+    logging.warning('train_agent: train.val_examples=%d ignored: the validation curve reads GRIP-Bench, '
+                    'not config.hf.data_path', count)
+  if not count or 'hf' in config:
     return None
   source = runtime.split_source(config, workdir, 'validation')
   batch = next(pipeline.eval_batches(source, tok, min(count, len(source)),
@@ -189,12 +195,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('train_agent: mesh %s over %d devices (%d processes)', dict(mesh.shape),
                jax.device_count(), jax.process_count())
 
-  tok = runtime.tokenizer()
+  tok = runtime.tokenizer_for(config)
   vlm = runtime.make_model(config, tok)
   vlm_params, vlm_shardings = _load_vlm_params(config, vlm, mesh)
   _log_bytes('frozen VLM params', vlm_params, vlm_shardings,
              sharding.rules_from_config(config, 'vlm_params'))
-  train_src = runtime.split_source(config, workdir, 'train')
+  if 'hf' in config:  # A user's dataset (config.hf.data_path): each host reads and visits its own shard.
+    hf_data.check_trainable(config, tok)
+    train_src = hf_data.load_data(config, tok, jax.process_index(), jax.process_count())
+  else:
+    train_src = runtime.split_source(config, workdir, 'train')
 
   n = runtime.num_visual_tokens(config)
   text_len = config.data.max_question_len
@@ -229,9 +239,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # The second phase (GRPO or a relaxation baseline) is picked by train.algorithm.
   train_step = step_lib.make_train_step(vlm, scorer, tx, config, mesh=mesh,
                                         state_sharding=state_shardings, vlm_sharding=vlm_shardings)
-  batches = pipeline.prefetch(pipeline.batch_iterator(
-      train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,
-      process_index=jax.process_index(), process_count=jax.process_count()))
+  if 'hf' in config:
+    batches = pipeline.prefetch(hf_data.batch_iterator(
+        train_src, config, t.batch_size // jax.process_count(), seed=config.seed, start_step=start))
+  else:
+    batches = pipeline.prefetch(pipeline.batch_iterator(
+        train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count()))
 
   def next_batch():
     return sharding.shard_batch({k: v for k, v in next(batches).items() if k in BATCH_KEYS}, mesh)
