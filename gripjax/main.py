@@ -11,6 +11,9 @@
   # Evaluate a VLM (full tokens, shuffled images, no image; pruners at every budget):
   python -m gripjax.main --config=configs/gripbench_tiny.py --mode=eval --workdir=/tmp/grip \
       --config.eval.num_examples=256
+  # An HF LLaVA checkpoint: every pruner on POPE with POPE's own scores (README "Use your own LLaVA"):
+  python -m gripjax.main --config=configs/llava_hf.py:CKPT --mode=eval --workdir=/tmp/pope \
+      --config.hf.benchmark=pope --config.hf.data_path=POPE.parquet
 
 Any config field can be overridden: `--config.pretrain.lr=3e-4`, `--config.eval.budgets='(0.5,0.25)'`,
 `--config.vlm_checkpoint=None` (random weights). A bad value fails at start-up naming the field.
