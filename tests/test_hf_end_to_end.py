@@ -27,6 +27,7 @@ from gripjax import checks
 from gripjax import export
 from gripjax.data import hf_data
 from gripjax.data import user_data
+from gripjax.eval import hf_eval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'hf_llava_tiny')
@@ -205,6 +206,11 @@ def test_batches_by_hand(tmp_path):
   ids = np.load(os.path.join(FIXTURE, 'outputs.npz'))['ex0_input_ids']  # <s>, 16 images, '\nWhat color ...'
   row = batch['question_ids'][0][batch['question_valid'][0]]
   np.testing.assert_array_equal(row, ids[17:])
+  # Host 1 of 2 reads rows 2 and 3 only (contiguous shards), and its batches hold only those.
+  shard = hf_data.load_data(c, tok, process_index=1, process_count=2)
+  assert [ex.row for ex in shard.examples] == [2, 3] and shard.num_rows == 4
+  local = next(hf_data.batch_iterator(shard, c, 2, seed=0))
+  np.testing.assert_array_equal(np.sort(local['answer_id']), [87, 173])  # rows 2 ('yes') and 3 ('no')
   # The last of 4 rows in batches of 3: padded with row 3 again, marked invalid.
   last = list(hf_data.eval_batches(data, c, 3))[-1]
   np.testing.assert_array_equal(last['index'], [3, 3, 3])
@@ -261,3 +267,13 @@ def test_train_two_steps_with_and_without_answers_then_export_and_generate(tmp_p
     f.write(' ')
   with pytest.raises(export.BundleError, match=r'tokenizer/tokenizer\.json is damaged'):
     export.load_bundle(bundle_path)
+
+
+def test_user_dataset_generations_scored_by_exact_match(tmp_path):
+  c = get_config(data_format='jsonl', data_path=write_jsonl(tmp_path))
+  data = hf_data.load_data(c, hf_data.PromptTokenizer.from_config(c))
+  assert data.benchmark is None and data.task_names == ('all',)
+  # References yes, no, yes, no: 'yes', 'No ' and 'no' match after lower().strip(); 'x' does not.
+  assert hf_eval.score(data, ['yes', 'No ', 'x', 'no']) == {'exact_match': 0.75, 'num_rows': 4}
+  assert hf_eval.score(data, ['no', 'yes', 'yes', 'no']) == {'exact_match': 0.5, 'num_rows': 4}
+  assert hf_eval.score(data, ['yes', 'no']) == {'exact_match': 1.0, 'num_rows': 2}  # the first rows only
