@@ -30,11 +30,13 @@ setuptools.setup(
         "scikit-image>=0.22",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        # HF LLaVA checkpoints are a first-class input (gripjax/models/hf_llava.py, data/hf_*.py):
+        # numpy readers of safetensors and the tokenizers library, no torch.
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "safetensors>=0.4", "tokenizers>=0.19"],
-        # Importing HF LLaVA checkpoints (gripjax/models/hf_llava.py): numpy readers, no torch.
-        "hf": ["safetensors>=0.4", "tokenizers>=0.19"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Only tools/make_hf_fixtures.py, which writes the committed parity fixtures.
         "parity": ["torch==2.13.0", "transformers", "safetensors", "tokenizers", "scikit-image"],
     },

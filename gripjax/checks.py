@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from gripjax import config_lib
 from gripjax import demo
+from gripjax.data import hf_data
 from gripjax.data import hf_tokenizer
 from gripjax.data import pipeline
 from gripjax.data import tokenizer
@@ -25,8 +26,9 @@ from gripjax.train import sharding
 from gripjax.train import step
 
 # In order: the model first (later checks read its geometry), then data, training, evaluation.
-CHECKS = (vlm.check, pipeline.check, tokenizer.check, hf_tokenizer.check, pretrain.check, step.check,
-          relaxation.check, evaluate.check, benchmarks.check, ablations.check, demo.check)
+CHECKS = (vlm.check, pipeline.check, tokenizer.check, hf_tokenizer.check, hf_data.check,
+          pretrain.check, step.check, relaxation.check, evaluate.check, benchmarks.check,
+          ablations.check, demo.check)
 
 
 def check_config(config, num_devices: int | None = None):

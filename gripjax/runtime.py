@@ -9,12 +9,19 @@ from absl import logging
 import jax
 
 from gripjax import config_lib
+from gripjax.data import hf_data
+from gripjax.data import pipeline
+from gripjax.data import tokenizer as tokenizer_lib
+from gripjax.data.grip_bench import builder
+from gripjax.data.grip_bench import scenes
+from gripjax.models import vit as vit_lib
+from gripjax.models import vlm as vlm_lib
+from gripjax.train import checkpoint
 
 
 @functools.lru_cache(maxsize=None)
 def tokenizer():
   """The shipped word-level tokenizer."""
-  from gripjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   return tokenizer_lib.Tokenizer.load()
 
 
@@ -22,7 +29,6 @@ def tokenizer_for(config):
   """`config`'s tokenizer: an HF checkpoint's with its template (a config with an `hf` section,
   `hf_data.PromptTokenizer`), else the shipped word-level one."""
   if 'hf' in config:
-    from gripjax.data import hf_data  # pylint: disable=g-import-not-at-top  # Lazy, as above.
     return hf_data.PromptTokenizer.from_config(config)
   return tokenizer()
 
@@ -39,43 +45,35 @@ def vocab_size(config, tok=None) -> int:
 
 def make_model(config, tok=None):
   """The VLM module for `config.model`."""
-  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
   return vlm_lib.make_vlm(config.model, vocab_size(config, tok))
 
 
 def init_params(vlm, rng):
   """Random VLM params (the inner 'params' collection)."""
-  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
   return vlm_lib.init_params(vlm, rng)['params']
 
 
 def num_visual_tokens(config) -> int:
-  vit = config.model.vit
-  return (vit.image_size // vit.patch_size) ** 2
+  return vit_lib.num_visual_tokens(config)
 
 
 def num_visual_tokens_of(vlm) -> int:
-  from gripjax.models import vlm as vlm_lib  # pylint: disable=g-import-not-at-top
   return vlm_lib.ModelConfig.from_config(vlm.config).num_visual_tokens
 
 
 def num_colors() -> int:
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   return len(scenes.COLORS)
 
 
 def max_objects() -> int:
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
   return scenes.MAX_DIGITS
 
 
 def load_vlm_params(config, vlm, path: str | None = None):
   """The VLM params from `path` (default: config.vlm_checkpoint), or random ones when that is None
   (with an `hf` section: the HF checkpoint's)."""
-  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   path = config_lib.resolve_path(path or config.vlm_checkpoint)
   if path is None and 'hf' in config:  # The HF checkpoint's safetensors (configs/llava_hf.py).
-    from gripjax.data import hf_data  # pylint: disable=g-import-not-at-top  # Lazy, as above.
     return hf_data.load_params(config)
   abstract = jax.eval_shape(functools.partial(init_params, vlm), jax.random.PRNGKey(0))
   if path is None:
@@ -90,7 +88,6 @@ def data_dir(config, workdir: str) -> str:
 
 def split_source(config, workdir: str, split: str):
   """Random-access GRIP-Bench source of `split`, prepared on first use."""
-  from gripjax.data.grip_bench import builder  # pylint: disable=g-import-not-at-top
   return builder.load_split(split, config.data, config.model.vit.image_size,
                             config.model.vit.patch_size, data_dir(config, workdir))
 
@@ -100,23 +97,21 @@ def question_only_prior(config, workdir: str) -> dict[str, float]:
 
   The floor a model that ignores the image can reach by learning answer frequencies.
   """
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
-  from gripjax.data.pipeline import as_text as _text  # pylint: disable=g-import-not-at-top
   train = split_source(config, workdir, 'train')
   test = split_source(config, workdir, 'test')
   counts = {}
   for i in range(min(len(train), 5000)):
     ex = train[i]
-    counts.setdefault(_text(ex['task']), {}).setdefault(_text(ex['answer']), 0)
-    counts[_text(ex['task'])][_text(ex['answer'])] += 1
+    counts.setdefault(pipeline.as_text(ex['task']), {}).setdefault(pipeline.as_text(ex['answer']), 0)
+    counts[pipeline.as_text(ex['task'])][pipeline.as_text(ex['answer'])] += 1
   best = {t: max(c, key=c.get) for t, c in counts.items()}
   hits, totals = {}, {}
   n = len(test) if config.eval.num_examples is None else min(len(test), config.eval.num_examples)
   for i in range(n):
     ex = test[i]
-    t = _text(ex['task'])
+    t = pipeline.as_text(ex['task'])
     totals[t] = totals.get(t, 0) + 1
-    hits[t] = hits.get(t, 0) + int(best.get(t) == _text(ex['answer']))
+    hits[t] = hits.get(t, 0) + int(best.get(t) == pipeline.as_text(ex['answer']))
   out = {t: hits[t] / totals[t] for t in scenes.TASKS if t in totals}
   out['overall'] = sum(hits.values()) / max(sum(totals.values()), 1)
   return out
