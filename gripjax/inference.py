@@ -52,8 +52,10 @@ import numpy as np
 from gripjax import pruning
 from gripjax.data import images as images_lib
 from gripjax.data import tokenizer as tokenizer_lib
+from gripjax.models import scorer as scorer_lib
 from gripjax.models import vlm as vlm_lib
 from gripjax.pruning import base
+from gripjax.rl import policy
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 NO_PRUNING = 'full'
@@ -144,7 +146,6 @@ class PrunedGenerator:
       if agent_params is None:
         raise ValueError("pruner='grip' needs agent_params: expected the trained scorer's params "
                          '(evaluate.load_agent or checkpoint.load_params).')
-      from gripjax.models import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
       self._scorer = scorer_lib.make_scorer(self.config)
       self.agent_params = agent_params
       return pruner
@@ -312,7 +313,6 @@ class PrunedGenerator:
       return base.Kept(tokens=visual, index=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)))
     question = self.vlm.apply(variables, question_ids, method='embed_text')  # (B, T, D)
     if self._scorer is not None:
-      from gripjax.rl import policy  # pylint: disable=g-import-not-at-top
       logits = self._scorer.apply({'params': agent_params}, visual, question, question_valid, rho)  # (B, N)
       return base.gather_kept(visual, policy.greedy(logits, k))
     ctx = base.PruneContext(tokens=visual, features=feats['features'], cls_attn=feats['cls_attn'],

@@ -20,19 +20,23 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from gripjax import config_lib
 from gripjax import pruning
 from gripjax import runtime
 from gripjax.data import pipeline
+from gripjax.data.grip_bench import scenes
 from gripjax.eval import awareness
 from gripjax.eval import report as report_lib
 from gripjax.models import costs
+from gripjax.models import scorer as scorer_lib
 from gripjax.pruning import base
 from gripjax.pruning import inlm
 from gripjax.pruning import grip
 from gripjax.pruning import oracle
 from gripjax.pruning import selection_costs
+from gripjax.train import checkpoint
 
 POSITION_MODES = ('keep', 'renumber')
 
@@ -191,8 +195,6 @@ def _jobs(methods, budgets, position_modes):
 
 def load_agent(config, vlm):
   """(scorer, params) from `config.agent.checkpoint`."""
-  from gripjax.models import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
-  from gripjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   path = config_lib.resolve_path(config.agent.checkpoint)
   if path is None:
     raise ValueError("config.eval.methods contains 'grip' but config.agent.checkpoint is None: expected "
@@ -214,8 +216,6 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   of batches in that format covering its first `num_examples` rows (e.g. `hf_data.eval_batches`);
   `task_names` then names its `task_id`s (default: GRIP-Bench's task families).
   """
-  from gripjax.data.grip_bench import scenes  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n = runtime.num_visual_tokens_of(vlm)
   jobs = _jobs(methods, budgets, position_modes)
   kept = {job: n if job[0] in ('full', 'shuffled') else
