@@ -275,7 +275,7 @@ def read_parquet(path, required: Sequence[str],
     image already replaced by bytes or a path); it may raise `KeyError`/`ValueError` for a bad
     field, which counts as a row missing that field.
   """
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  # Heavy (~1 s); parquet files only.
   files = parquet_files(path)
   handles = []
   for f in files:

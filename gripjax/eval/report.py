@@ -54,7 +54,7 @@ def vision_line(rows: list[dict[str, Any]]) -> str | None:
 def _pyplot():
   """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing."""
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    import matplotlib  # pylint: disable=g-import-not-at-top  # Optional: plots are skipped without it.
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -72,7 +72,7 @@ def _curves(rows, mode=None):
 
 
 def _draw_curves(ax, curves, value):
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top  # Optional, as in _pyplot.
   methods = sorted({m for m, _ in curves})
   palette = matplotlib.colormaps['tab20'].colors
   color = {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(methods)}

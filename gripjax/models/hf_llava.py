@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import safe_open
 
 from gripjax.models import vit as vit_lib
 from gripjax.models import vlm as vlm_lib
@@ -263,7 +264,6 @@ def tensor_files(path: str) -> dict[str, str]:
       raise CheckpointError(f'{index} names shards that do not exist: {absent}.')
     return files
   if os.path.exists(single):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     with safe_open(single, framework='numpy') as f:
       return {name: single for name in f.keys()}
   raise CheckpointError(f'{path} has neither {SINGLE_FILE} nor {INDEX_FILE}: expected safetensors weights.')
@@ -324,7 +324,6 @@ def load_params(path: str, model_cfg, mesh=None, rules='replicate', param_dtype:
     A pytree matching `init_params(make_vlm(model_cfg))['params']`, each leaf a jax.Array on its
     sharding.
   """
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if param_dtype is None:
     param_dtype = getattr(model_cfg, 'get', lambda k, d: d)('param_dtype', 'float32')
   dtype = jnp.dtype(param_dtype)

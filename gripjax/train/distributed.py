@@ -53,7 +53,7 @@ def is_initialized() -> bool:
   fn = getattr(jax.distributed, 'is_initialized', None)
   if fn is not None:
     return bool(fn())
-  from jax._src import distributed as _dist  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed as _dist  # pylint: disable=g-import-not-at-top  # Private JAX: only on this fallback path.
   return _dist.global_state.client is not None
 
 

@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
 
 TASKS = ('read', 'color', 'count', 'exist', 'spatial')
 SPLITS = ('train', 'validation', 'test')
@@ -102,7 +103,7 @@ def _article(word):
 @functools.lru_cache(maxsize=None)
 def _digits():
   """Returns (images float32 (1797, 8, 8) in [0, 1], labels int32 (1797,))."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  # Heavy; only when rendering.
   d = datasets.load_digits()
   return (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
 
@@ -132,7 +133,7 @@ def _split_pools(seed, split):
 @functools.lru_cache(maxsize=None)
 def _backgrounds(image_size):
   """The bundled photos as RGB PIL images, shrunk so the short side is at most 3 * image_size."""
-  from skimage import data as skdata  # pylint: disable=g-import-not-at-top
+  from skimage import data as skdata  # pylint: disable=g-import-not-at-top  # Heavy; only when rendering.
   images = []
   for name in BACKGROUNDS:
     x = np.asarray(getattr(skdata, name)())
@@ -461,7 +462,6 @@ def generate(split, n, seed, image_size=96, patch_size=8, start=0):
 
 def contact_sheet(examples, scale=3, columns=4):
   """A PIL image showing `examples` (render_example dicts) with question and answer below each."""
-  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   size = examples[0]['image'].shape[0] * scale
   cell_h = size + 30
   rows = (len(examples) + columns - 1) // columns
