@@ -16,8 +16,23 @@ Every field is configs/gripbench_tiny.py's (same tiny VLM geometry: 96 x 96 imag
   pretrain        fine-tunes the shipped tiny VLM on dense with the recipe's last stage settings
                   (launch/tiny_vlm_recipe.py 'thinned': vision tower frozen, pair grounding,
                   position auxiliaries, half the examples with thinned background);
-  vlm_checkpoint  gripjax/assets/dense_vlm, that fine-tuned VLM (gripjax/assets/dense_vlm_metrics.json).
+  vlm_checkpoint  gripjax/assets/dense_vlm, that fine-tuned VLM (test metrics in
+                  gripjax/assets/dense_vlm_metrics.json, training log in
+                  gripjax/assets/dense_vlm_pretrain_log.jsonl);
   pictures        eval.picture_examples = 0: the report redraws pictures from the standard family.
+
+The shipped dense VLM is three runs of this pretrain section, 2400 steps in all (the vocabulary is
+unchanged: every dense word is already in vocab.txt, so the embedding table keeps its size and
+the tiny VLM's ids stay valid):
+
+  python -m gripjax.main --config=configs/gripbench_dense.py --mode=pretrain_vlm \
+      --workdir=workdir/dense_vlm                                  # 1200 steps from tiny_vlm
+  python -m gripjax.main --config=configs/gripbench_dense.py --mode=pretrain_vlm \
+      --workdir=workdir/dense_vlm_cont --config.pretrain.init_from=workdir/dense_vlm/vlm \
+      --config.pretrain.lm_steps=600                               # warm restart: 600 more
+  python -m gripjax.main --config=configs/gripbench_dense.py --mode=pretrain_vlm \
+      --workdir=workdir/dense_vlm_cont2 --config.pretrain.init_from=workdir/dense_vlm_cont/vlm \
+      --config.pretrain.lm_steps=600                               # and 600 more
 
 The shipped agent (agent.checkpoint, method 'grip') was trained on the standard family; its dense
 rows measure transfer until an agent is trained here with `--mode=train_agent`.
@@ -60,6 +75,6 @@ def get_config(arg=None):
   c.vlm_checkpoint = 'gripjax/assets/dense_vlm'
   # Fine-tuning recipe: the last stage of launch/tiny_vlm_recipe.py, from the shipped tiny VLM.
   c.pretrain.init_from = 'gripjax/assets/tiny_vlm'
-  c.pretrain.update(vision_steps=0, lm_steps=1600, token_curriculum=0.0, lr=3e-4, pair_ground=True,
+  c.pretrain.update(vision_steps=0, lm_steps=1200, token_curriculum=0.0, lr=3e-4, pair_ground=True,
                     spatial_weight=1.0, background_dropout=0.5)
   return c
