@@ -12,7 +12,8 @@ def _row(method, kept, acc, seconds, mode='keep'):
 def test_equal_accuracy_speedup_picks_fastest_pruner_at_least_as_accurate():
   rows = [_row('full', 144, 0.90, 4.0), _row('grip', 16, 0.80, 1.0), _row('grip', 8, 0.70, 0.5),
           _row('dart', 16, 0.75, 1.1), _row('dart', 36, 0.82, 2.0), _row('fastv', 36, 0.85, 3.0),
-          _row('dart', 8, 0.90, 0.1, mode='renumber')]  # other mode: ignored
+          _row('dart', 8, 0.90, 0.1, mode='renumber'),  # other mode: ignored
+          _row('oracle', 8, 0.95, 0.1)]  # a reference that reads the answer region: never a baseline
   out = report.equal_accuracy_speedups(rows)
   assert [e['kept_tokens'] for e in out] == [8, 16]
   assert out[0]['baseline'] == 'dart (16 kept)' and abs(out[0]['speedup'] - 2.2) < 1e-9

@@ -138,7 +138,7 @@ def equal_accuracy_speedups(rows, method: str = 'grip', mode: str = 'keep') -> l
   Speed-up = that pruner's measured prefill time / `method`'s; references (full, blind, shuffled)
   are left out. Rows without timings are skipped; `baseline` is None where no pruner is as accurate.
   """
-  refs = ('full', 'blind', 'shuffled')
+  refs = ('full', 'blind', 'shuffled', 'oracle')  # References, not pruners a user can run.
   mine = [r for r in rows if r['method'] == method and r['position_mode'] == mode
           and r.get('prefill_seconds')]
   others = [r for r in rows if r['method'] not in refs + (method,) and r['position_mode'] == mode
