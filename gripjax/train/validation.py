@@ -44,8 +44,8 @@ def make_validator(vlm, scorer, config, batch: dict[str, Any]) -> Callable[[Any,
   arrays = {k: jnp.asarray(batch[k]) for k in ('pixels', 'question_ids', 'question_valid', 'answer_id')}
 
   @jax.jit
-  def validate(agent_params, vlm_params):
-    variables = {'params': vlm_params}
+  def run(agent_params, vlm_params, arrays):  # The batch is an argument: as a closed-over constant
+    variables = {'params': vlm_params}      # XLA would constant-fold the vision tower over it.
     ids, qvalid = arrays['question_ids'], arrays['question_valid'].astype(bool)
     visual, _ = vlm.apply(variables, arrays['pixels'], method='encode_image')  # (B, N, D)
     question = vlm.apply(variables, ids, method='embed_text')  # (B, T, D)
@@ -72,5 +72,8 @@ def make_validator(vlm, scorer, config, batch: dict[str, Any]) -> Callable[[Any,
     out['val/accuracy'] = jnp.mean(jnp.stack([out[f'val/accuracy@{budget_label(r)}']
                                               for r in budgets]))
     return out
+
+  def validate(agent_params, vlm_params):
+    return run(agent_params, vlm_params, arrays)
 
   return validate
