@@ -1,6 +1,6 @@
 """Random pruning: keep k uniformly random distinct tokens per example.
 
-Baseline, no reference paper. Named `random_prune` rather than `random` so that running a script from
+Baseline, no reference paper and no released code, so no deviations to list. Named `random_prune` rather than `random` so that running a script from
 this directory never shadows the standard library's `random`.
 
 Each example draws its own key: `ctx.rng` is either one key, split into B keys, or already a batch of
