@@ -1,7 +1,8 @@
 """Random pruning: keep k uniformly random distinct tokens per example.
 
-Baseline, no reference paper and no released code, so no deviations to list. Named `random_prune` rather than `random` so that running a script from
-this directory never shadows the standard library's `random`.
+Baseline, no reference paper and no released code, so no deviations to list. Named `random_prune`
+rather than `random` so that running a script from this directory never shadows the standard
+library's `random`.
 
 Each example draws its own key: `ctx.rng` is either one key, split into B keys, or already a batch of
 B keys (then example b uses key b, so a batch reproduces its per-example runs exactly). The kept set

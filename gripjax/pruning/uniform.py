@@ -1,6 +1,7 @@
 """Uniform pruning: keep k patches spread evenly over the (H, W) patch grid.
 
-Baseline, no reference paper and no released code, so no deviations to list. Deterministic and data-independent.
+Baseline, no reference paper and no released code, so no deviations to list. Deterministic and
+data-independent.
 
 Rule: pick a lattice of kh rows x kw columns with kh * kw >= k whose aspect follows the grid's
 (kh ~ sqrt(k * H / W)), place its rows and columns at the centres of equal strips
