@@ -39,8 +39,9 @@ rows measure transfer until an agent is trained here with `--mode=train_agent`.
 `--config=configs/gripbench_dense.py:smoke` is the tiny config's smoke variant on the dense family.
 """
 
-import importlib.util
 import os
+
+from gripjax import config_lib
 
 
 # Budgets of the dense benchmark: 1/36 keeps 4 tokens of 144, the most patches an answer needs.
@@ -48,12 +49,8 @@ DENSE_BUDGETS = (1 / 2, 1 / 4, 1 / 9, 1 / 18, 1 / 36)
 
 
 def _tiny_config(arg):
-  # configs/ is not a package: load the sibling file by path, as config_flags does.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py')
-  spec = importlib.util.spec_from_file_location('gripbench_tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py'), arg)
 
 
 def get_config(arg=None):

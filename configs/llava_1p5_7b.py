@@ -9,19 +9,14 @@ HF LLaVA-1.5 (see gripjax/models/*.py) so converted weights load one-to-one. Eve
 comes from configs/gripbench_tiny.py and is overridden the same way, e.g. `--config.eval.batch_size=8`.
 """
 
-import importlib.util
 import os
 
-import ml_collections
+from gripjax import config_lib
 
 
 def _tiny_config():
-  # configs/ is not a package: load the sibling file by path, as config_flags does.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py')
-  spec = importlib.util.spec_from_file_location('gripbench_tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py'))
 
 
 def get_config(arg=None):

@@ -30,7 +30,6 @@ checkpoint's safetensors; the tiny agent has another geometry): vlm_checkpoint a
 are None and 'grip' is left out of eval.methods until an agent is trained for this model.
 """
 
-import importlib.util
 import os
 
 import ml_collections
@@ -42,12 +41,8 @@ from gripjax.models import hf_llava
 
 
 def _tiny_config():
-  # configs/ is not a package: load the sibling file by path, as config_flags does.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py')
-  spec = importlib.util.spec_from_file_location('gripbench_tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gripbench_tiny.py'))
 
 
 def get_config(arg=None):

@@ -10,6 +10,7 @@ the field, the bad value and what was expected, so a wrong command-line override
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any, Iterable
@@ -117,3 +118,13 @@ def resolve_path(path: str | None) -> str | None:
   if path is None or os.path.isabs(path) or path.startswith(('gs://', 's3://')):
     return path
   return os.path.join(REPO_ROOT, path)
+
+
+def load_config_file(path: str, arg=None):
+  """`get_config(arg)` of the config file at `path` (configs/ is not a package: files load by path,
+  as ml_collections' config_flags loads them)."""
+  name = 'config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
