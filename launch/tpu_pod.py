@@ -58,7 +58,8 @@ def parse_args(argv):
   parser.add_argument('--tpu', required=True, help='TPU VM (pod slice) name.')
   parser.add_argument('--zone', required=True, help='Its zone, e.g. us-central2-b.')
   parser.add_argument('--project', default=None, help='GCP project (default: gcloud\'s).')
-  parser.add_argument('--config', required=True, help='Config file, relative to the repository.')
+  parser.add_argument('--config', required=True,
+                      help='Config file relative to the repository, optionally FILE:ARG.')
   parser.add_argument('--mode', default='train_agent', help='gripjax.main --mode (default train_agent).')
   parser.add_argument('--workdir', required=True, help='gs://BUCKET/PATH shared by every worker.')
   parser.add_argument('--code', choices=('git', 'copy'), default='git',
@@ -93,10 +94,11 @@ def validate(args, overrides) -> None:
                       'digits and hyphens, starting with a letter).')
   if not re.match(r'^[a-z]+-[a-z]+[0-9]+-[a-z]$', args.zone):
     raise LaunchError(f'--zone={args.zone!r} is invalid: expected a zone such as us-central2-b.')
-  config_path = os.path.join(ROOT, args.config)
-  if os.path.isabs(args.config) or not os.path.isfile(config_path):
+  config_file = args.config.split(':', 1)[0]  # FILE or FILE:ARG, as ml_collections' config_flags.
+  if os.path.isabs(config_file) or not os.path.isfile(os.path.join(ROOT, config_file)):
     raise LaunchError(f'--config={args.config!r} is invalid: expected a config file path relative to '
-                      f'the repository root {ROOT}, e.g. configs/llava_1p5_7b.py.')
+                      f'the repository root {ROOT}, optionally with :ARG, e.g. configs/llava_1p5_7b.py '
+                      'or configs/llava_hf.py:/path/to/checkpoint.')
   if not MODE.match(args.mode):
     raise LaunchError(f'--mode={args.mode!r} is invalid: expected a gripjax.main mode such as '
                       'train_agent.')

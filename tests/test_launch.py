@@ -65,6 +65,15 @@ def test_tpu_pod_dry_run_git(capsys):
                      '--config.train.steps=10', '--config.train.sharding.vlm_params=fsdp']
 
 
+def test_tpu_pod_config_with_argument(capsys):
+  pod = load_script('tpu_pod')
+  argv = [a if not a.startswith('--config=') else '--config=configs/llava_hf.py:/ckpt/llava-1.5-7b-hf'
+          for a in POD]
+  lines = dry_run_lines(capsys, pod, argv + ['--repo=https://x/y.git', '--ref=abc'])
+  remote = shlex.split(lines[-1])[-1]  # --command=cd gripjax && python3 -m gripjax.main ...
+  assert '--config=configs/llava_hf.py:/ckpt/llava-1.5-7b-hf' in shlex.split(remote[len('--command='):])
+
+
 def test_tpu_pod_dry_run_copy_detached(capsys):
   pod = load_script('tpu_pod')
   lines = dry_run_lines(capsys, pod, POD + ['--code=copy', '--ref=HEAD', '--project=proj',
@@ -82,6 +91,7 @@ def test_tpu_pod_dry_run_copy_detached(capsys):
 @pytest.mark.parametrize('extra, message', [
     (['--workdir=/tmp/run'], "--workdir='/tmp/run' is invalid: expected gs://BUCKET/PATH"),
     (['--config=configs/nope.py'], "--config='configs/nope.py' is invalid"),
+    (['--config=configs/nope.py:arg'], "--config='configs/nope.py:arg' is invalid"),
     (['--tpu=My_Pod'], "--tpu='My_Pod' is invalid"),
     (['--zone=central'], "--zone='central' is invalid"),
     (['--remote_dir=/opt/x'], "--remote_dir='/opt/x' is invalid"),
