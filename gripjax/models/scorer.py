@@ -177,12 +177,9 @@ def init_scorer(scorer: BudgetAwareScorer, rng, n_tokens: int, d_model: int, tex
 
 def scorer_param_count(config, n_tokens: int | None = None, text_len: int = 4) -> int:
   """Number of scorer parameters for `config` (abstract init: nothing is allocated)."""
-  n = _num_tokens(config) if n_tokens is None else n_tokens
+  n = vit_lib.num_visual_tokens(config) if n_tokens is None else n_tokens
   abstract = jax.eval_shape(functools.partial(init_scorer, make_scorer(config), n_tokens=n,
                                               d_model=config.model.llm.width, text_len=text_len),
                             jax.random.PRNGKey(0))
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(abstract))
 
-
-def _num_tokens(config):
-  return vit_lib.num_visual_tokens(config)

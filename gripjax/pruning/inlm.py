@@ -328,13 +328,10 @@ def run_schedule(lm: LmHandle, visual, text_ids, text_valid, position_mode, drop
   return InLmResult(logits=logits, index=src, trace=tuple(trace))
 
 
-def _num_visual_tokens(config) -> int:
-  return vit_lib.num_visual_tokens(config)
-
-
 def inlm_schedule(config, method: str, k: int, **hparams) -> Drops:
   """The static drop schedule of `method` at final budget k for `config` (a full config)."""
-  return module(method).schedule(_num_visual_tokens(config), k, config.model.llm.depth, **hparams)
+  n = vit_lib.num_visual_tokens(config)
+  return module(method).schedule(n, k, config.model.llm.depth, **hparams)
 
 
 def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: int | None = None, *,
@@ -347,7 +344,7 @@ def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: i
   pivots or anchors); PyramidDrop ranks with the next layer's q/k projections and one attention row
   over the longer sequence at each boundary. `prefix_len`: P, the slots before the image (1: <bos>).
   """
-  n, depth = _num_visual_tokens(config), config.model.llm.depth
+  n, depth = vit_lib.num_visual_tokens(config), config.model.llm.depth
   drops = inlm_schedule(config, method, k, **hparams)
   lengths = layer_lengths(n, int(text_len), depth, drops, prefix_len)
   head = 2 * config.model.llm.width * max(vocab_size or config.model.llm.vocab_size, 0)
@@ -357,7 +354,7 @@ def inlm_prefill_flops(config, method: str, k: int, text_len: int, vocab_size: i
 def inlm_kv_cache_bytes(config, method: str, k: int, text_len: int, *, prefix_len: int = DEFAULT_PREFIX_LEN,
                         **hparams) -> int:
   """Bytes of one prompt's KV cache after `method`'s prefill: each layer holds the slots it ran on."""
-  n, depth = _num_visual_tokens(config), config.model.llm.depth
+  n, depth = vit_lib.num_visual_tokens(config), config.model.llm.depth
   lengths = layer_lengths(n, int(text_len), depth, inlm_schedule(config, method, k, **hparams), prefix_len)
   per_slot_and_layer = costs.kv_cache_bytes(config, 0, 0) // depth  # one slot, k and v
   return per_slot_and_layer * sum(lengths)
@@ -365,6 +362,6 @@ def inlm_kv_cache_bytes(config, method: str, k: int, text_len: int, *, prefix_le
 
 def inlm_average_tokens(config, method: str, k: int, **hparams) -> float:
   """Visual tokens per LM layer averaged over layers (the 'average token count' PyramidDrop reports)."""
-  n, depth = _num_visual_tokens(config), config.model.llm.depth
+  n, depth = vit_lib.num_visual_tokens(config), config.model.llm.depth
   lengths = layer_lengths(n, 0, depth, inlm_schedule(config, method, k, **hparams))
   return sum(length - 1 for length in lengths) / depth
