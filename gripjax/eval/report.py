@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 from gripjax.data.grip_bench import scenes
+
+REFERENCES = ('full', 'blind', 'shuffled', 'oracle')  # References, not pruners a user can run.
+SPEEDUP_COSTS = ('prefill_seconds', 'prefill_flops')  # Row fields an equal-accuracy speed-up can compare.
+_PANEL_MODES = ('keep', 'renumber')  # Position modes of the FLOP frontier's panels, left to right.
+_AGENT_COLOR = '#d62728'  # tab20's strong red, kept out of the other methods' palette.
 
 
 def _fmt(x, digits=1):
@@ -110,6 +116,99 @@ def plot_frontier(rows, path: str) -> str | None:
   return path
 
 
+def _frontier_panels(rows) -> list[str]:
+  """The position modes `plot_flops_frontier` draws, left to right: 'keep', then 'renumber', each
+  only when some row of that mode carries `prefill_flops`."""
+  return [m for m in _PANEL_MODES
+          if any(r['position_mode'] == m and r.get('prefill_flops') for r in rows)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+  """Tick values for a log axis over [lo, hi]: 1, 2, 5 per decade; 1, 2, 3, 5, 7 when fewer than four
+  of those fall in the range; the two ends added when even those give fewer than two."""
+  if not 0 < lo <= hi:
+    raise ValueError(f'log axis range ({lo!r}, {hi!r}): expected 0 < lo <= hi')
+  decades = range(math.floor(math.log10(lo)), math.floor(math.log10(hi)) + 1)
+  ticks = []
+  for mantissas, enough in (((1, 2, 5), 4), ((1, 2, 3, 5, 7), 2)):
+    ticks = [float(f'{m * 10.0 ** e:.3g}') for e in decades for m in mantissas]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    if len(ticks) >= enough:
+      return ticks
+  return sorted(set(ticks) | {lo, hi})
+
+
+def plot_flops_frontier(rows, path: str, method: str = 'grip') -> str | None:
+  """Accuracy (%) against prefill GFLOPs per example on a log axis, one panel per position mode.
+
+  The x value is a row's `prefill_flops`: the LM prefill on the kept tokens plus what the method runs
+  to choose them (`selection_flops`; for the agent, its scorer). Panels: `_frontier_panels(rows)`
+  (keep, renumber). One line per method, ordered by FLOPs; `method` (the agent) is drawn on top,
+  thick, red, with large markers, as '<method> (agent)'. `full` is a dotted line at its accuracy with
+  a marker at its FLOPs; `oracle` a thin dashed grey reference; `blind` and `shuffled` grey points.
+  Returns `path`, or None when matplotlib is missing or no row has `prefill_flops`.
+  """
+  plt = _pyplot()
+  panels = _frontier_panels(rows)
+  if plt is None or not panels:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top  # Optional, as in _pyplot.
+  costed = [r for r in rows if r.get('prefill_flops') and r['position_mode'] in panels]
+  gflops = [r['prefill_flops'] / 1e9 for r in costed]
+  lo, hi = min(gflops) / 1.25, max(gflops) * 1.25  # Room for the markers at both ends.
+  ticks = _log_ticks(lo, hi)
+  pruners = sorted({r['method'] for r in costed} - set(REFERENCES) - {method})
+  palette = [c for i, c in enumerate(matplotlib.colormaps['tab20'].colors)
+             if i not in (6, 7, 14, 15)]  # Reds: the agent's; greys: the references'.
+  color = {m: palette[i % len(palette)] for i, m in enumerate(pruners)}
+  legend_in = 1.8  # Inches on the right for the legend, shared by the panels.
+  width = 5.2 * len(panels) + legend_in
+  fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.6), sharey=True, squeeze=False)
+  handles = {}
+  for ax, mode in zip(axes[0], panels):
+    for (name, _), rs in _curves([r for r in costed if r['position_mode'] == mode]).items():
+      rs = sorted(rs, key=lambda r: r['prefill_flops'])
+      xs = [r['prefill_flops'] / 1e9 for r in rs]
+      ys = [100 * r['accuracy'] for r in rs]
+      if name == method:
+        label = f'{name} (agent)'
+        handles[label] = ax.plot(xs, ys, marker='o', ms=7, lw=2.8, color=_AGENT_COLOR, zorder=10,
+                                 label=label)[0]
+      elif name == 'full':
+        label = 'full (all tokens)'
+        handles[label] = ax.axhline(ys[-1], ls=':', lw=1.2, color='k', zorder=1, label=label)
+        ax.plot(xs[-1:], ys[-1:], marker='D', ms=5, ls='none', color='k', zorder=3)
+      elif name == 'oracle':
+        label = 'oracle (reference)'
+        handles[label] = ax.plot(xs, ys, marker='.', ms=3, ls='--', lw=0.8, color='0.55', zorder=1,
+                                 label=label)[0]
+      elif name in REFERENCES:
+        label = f'{name} (reference)'
+        handles[label] = ax.plot(xs, ys, marker='x' if name == 'blind' else '+', ms=6, ls='none',
+                                 color='0.4', zorder=1, label=label)[0]
+      else:
+        handles[name] = ax.plot(xs, ys, marker='o', ms=3.5, lw=1.2, color=color[name], zorder=2,
+                                label=name)[0]
+    ax.set_xscale('log')
+    ax.set_xlim(lo, hi)
+    ax.set_xticks(ticks, [f'{t:.3g}' for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(True, which='major', alpha=0.3)
+    ax.set_xlabel('prefill GFLOPs per example (LM + selection)')
+    ax.set_title(f'{mode} positions')
+  axes[0][0].set_ylabel('accuracy (%)')
+  order = ([f'{method} (agent)'] + pruners + ['full (all tokens)', 'oracle (reference)'] +
+           [f'{m} (reference)' for m in REFERENCES if m not in ('full', 'oracle')])
+  labels = [label for label in order if label in handles]
+  fig.legend([handles[label] for label in labels], labels, fontsize=7, loc='center left',
+             bbox_to_anchor=(1 - legend_in / width, 0.5))
+  fig.suptitle('GRIP-Bench test: accuracy vs prefill FLOPs (selection included)')
+  fig.tight_layout(rect=(0, 0, 1 - legend_in / width, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plot_time_frontier(rows, path: str, mode: str = 'keep') -> str | None:
   """Accuracy against measured prefill seconds per example (pruner + LM), position mode `mode`."""
   plt = _pyplot()
@@ -132,26 +231,40 @@ def plot_time_frontier(rows, path: str, mode: str = 'keep') -> str | None:
   return path
 
 
-def equal_accuracy_speedups(rows, method: str = 'grip', mode: str = 'keep') -> list[dict[str, Any]]:
-  """For each budget of `method`: the fastest other pruner at least as accurate, and the speed-up.
+def equal_accuracy_speedups(rows, method: str = 'grip', mode: str = 'keep',
+                            cost: str = 'prefill_seconds') -> list[dict[str, Any]]:
+  """For each budget of `method`: the cheapest other pruner at least as accurate, and the speed-up.
 
-  Speed-up = that pruner's measured prefill time / `method`'s; references (full, blind, shuffled)
-  are left out. Rows without timings are skipped; `baseline` is None where no pruner is as accurate.
+  `cost` is the row field compared: 'prefill_seconds' (measured time of the pruner and the LM) or
+  'prefill_flops' (LM prefill plus the pruner's selection work; the agent's scorer included).
+  Speed-up = that pruner's cost / `method`'s; references (full, blind, shuffled, oracle) are left
+  out. Rows without the cost are skipped; `baseline` is None where no pruner is as accurate.
   """
-  refs = ('full', 'blind', 'shuffled', 'oracle')  # References, not pruners a user can run.
-  mine = [r for r in rows if r['method'] == method and r['position_mode'] == mode
-          and r.get('prefill_seconds')]
-  others = [r for r in rows if r['method'] not in refs + (method,) and r['position_mode'] == mode
-            and r.get('prefill_seconds')]
+  if cost not in SPEEDUP_COSTS:
+    raise ValueError(f'equal_accuracy_speedups cost={cost!r}: expected one of {SPEEDUP_COSTS}')
+  mine = [r for r in rows if r['method'] == method and r['position_mode'] == mode and r.get(cost)]
+  others = [r for r in rows if r['method'] not in REFERENCES + (method,) and r['position_mode'] == mode
+            and r.get(cost)]
   out = []
   for r in sorted(mine, key=lambda r: r['kept_tokens']):
     as_good = [o for o in others if o['accuracy'] >= r['accuracy']]
-    best = min(as_good, key=lambda o: o['prefill_seconds']) if as_good else None
+    best = min(as_good, key=lambda o: o[cost]) if as_good else None
     out.append({'budget': r['budget'], 'kept_tokens': r['kept_tokens'], 'accuracy': r['accuracy'],
                 'baseline': None if best is None else f"{best['method']} ({best['kept_tokens']} kept)",
                 'baseline_accuracy': None if best is None else best['accuracy'],
-                'speedup': None if best is None else best['prefill_seconds'] / r['prefill_seconds']})
+                'speedup': None if best is None else best[cost] / r[cost]})
   return out
+
+
+def speedup_table(entries: list[dict[str, Any]], baseline_head: str, method: str = 'grip') -> str:
+  """Markdown table of `equal_accuracy_speedups` entries; `baseline_head` names the baseline column."""
+  lines = [f'| {method} budget | kept | accuracy % | {baseline_head} | its accuracy % | speed-up |',
+           '|---|---|---|---|---|---|']
+  for e in entries:
+    lines.append(f"| {e['budget']:.3g} | {e['kept_tokens']} | {_fmt(e['accuracy'])} | "
+                 f"{e['baseline'] or 'none'} | {_fmt(e['baseline_accuracy'])} | "
+                 + ('-' if e['speedup'] is None else f"{e['speedup']:.2f}x") + ' |')
+  return '\n'.join(lines)
 
 
 def plot_per_task(rows, path: str, mode: str = 'keep') -> str | None:
@@ -289,15 +402,20 @@ def write_report(results_path: str, out_dir: str, metrics_path: str | None = Non
   if vision_line(rows):
     lines += [vision_line(rows), '']
   plots = (
-      (plot_frontier, 'frontier.png', 'accuracy vs kept tokens'),
-      (plot_time_frontier, 'time_frontier.png', 'accuracy vs measured prefill time (keep mode)'),
-      (plot_per_task, 'per_task.png', 'accuracy per task family vs kept tokens (keep mode)'),
+      (plot_flops_frontier, 'flops_frontier.png', 'accuracy vs prefill FLOPs (keep and renumber positions)',
+       'Accuracy against the prefill FLOPs of one example, counting the LM on the kept tokens and all '
+       'a method runs to choose them (the agent\'s scorer included), in one panel per position mode, '
+       'with the agent `grip` in thick red, `full` dotted and the `oracle` reference dashed grey.'),
+      (plot_frontier, 'frontier.png', 'accuracy vs kept tokens', None),
+      (plot_time_frontier, 'time_frontier.png', 'accuracy vs measured prefill time (keep mode)', None),
+      (plot_per_task, 'per_task.png', 'accuracy per task family vs kept tokens (keep mode)', None),
       (plot_kept_patches, 'kept_patches.png',
-       'kept patches at the smallest budget (dropped patches darkened, answer region in cyan)'),
+       'kept patches at the smallest budget (dropped patches darkened, answer region in cyan)', None),
   )
-  for plot, name, caption in plots:
+  for plot, name, caption, note in plots:
     if plot(rows, os.path.join(out_dir, name)):
-      lines += [f'## {caption[0].upper() + caption[1:]}', '', f'![{caption}]({name})', '']
+      lines += [f'## {caption[0].upper() + caption[1:]}', ''] + ([note, ''] if note else [])
+      lines += [f'![{caption}]({name})', '']
   aware = awareness_table(rows)
   if aware:
     lines += ['## Does the agent use its question and its budget?', '',
@@ -321,13 +439,14 @@ def write_report(results_path: str, out_dir: str, metrics_path: str | None = Non
     lines += ['## Equal-accuracy speed-up of the agent', '',
               'For each budget of `grip`: the fastest other pruner (any budget, keep mode) that is at '
               'least as accurate, and its measured prefill time over the agent\'s.', '',
-              '| grip budget | kept | accuracy % | fastest pruner as accurate | its accuracy % | speed-up |',
-              '|---|---|---|---|---|---|']
-    for e in speedups:
-      lines.append(f"| {e['budget']:.3g} | {e['kept_tokens']} | {_fmt(e['accuracy'])} | "
-                   f"{e['baseline'] or 'none'} | {_fmt(e['baseline_accuracy'])} | "
-                   + ('-' if e['speedup'] is None else f"{e['speedup']:.2f}x") + ' |')
-    lines.append('')
+              speedup_table(speedups, 'fastest pruner as accurate'), '']
+  flop_speedups = equal_accuracy_speedups(rows, cost='prefill_flops')
+  if flop_speedups:
+    lines += ['## Equal-accuracy FLOP speed-up of the agent', '',
+              'For each budget of `grip`: the other pruner (any budget, keep mode) with the fewest prefill '
+              'FLOPs that is at least as accurate, and its prefill FLOPs over the agent\'s (LM + selection '
+              'on both sides, the agent\'s scorer included).', '',
+              speedup_table(flop_speedups, 'cheapest pruner as accurate (FLOPs)'), '']
   path = os.path.join(out_dir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
