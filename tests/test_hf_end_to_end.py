@@ -25,9 +25,11 @@ from PIL import Image
 
 from gripjax import checks
 from gripjax import export
+from gripjax import runtime
 from gripjax.data import hf_data
 from gripjax.data import user_data
 from gripjax.eval import hf_eval
+from gripjax.pruning import selection_costs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'hf_llava_tiny')
@@ -136,6 +138,11 @@ def test_eval_pope_every_pruner_with_benchmark_scores(tmp_path):
     mine = [p for p in preds if p['method'] == m]
     assert by[m]['accuracy'] == sum(p['prediction'] == first[p['answers'][0]] for p in mine) / 4
   assert (work / 'report.md').exists() and '| full |' in (work / 'benchmark.md').read_text()
+  # The FLOP columns count the 4 prefix slots (<s> USER: ): full's LM prefill runs 4 + 16 + 40 slots.
+  c = get_config()
+  vocab = runtime.vocab_size(c, tok)
+  assert by['full']['prefill_flops'] == selection_costs.lm_prefill_flops(c, 16, 40, vocab, prefix_len=4)
+  assert by['full']['prefill_flops'] > selection_costs.lm_prefill_flops(c, 16, 40, vocab)  # <bos> alone
 
 
 def test_bad_rows_skipped_and_counted_or_named(tmp_path):
@@ -170,16 +177,24 @@ def test_bad_rows_skipped_and_counted_or_named(tmp_path):
     hf_data.load_data(c, tok)
 
 
-def test_chat_template_prefix_training_refused_and_other_architectures_refused(tmp_path):
-  c = get_config(template=CHAT)
+def test_chat_template_training_batches_carry_the_prefix_and_other_architectures_refused(tmp_path):
+  c = get_config(template=CHAT, data_format='jsonl', data_path=write_jsonl(tmp_path))
   tok = hf_data.PromptTokenizer.from_config(c)
   # <s> USER: and the space before the image: the model's prefix, passed to every forward.
   assert tok.layout_prefix.tolist() == tok.prefix_ids.tolist() and tok.prefix_ids[0] == 1
   assert tok.hf.decode(tok.prefix_ids, skip_special_tokens=False) == '<s> USER: '
   assert hf_data.PromptTokenizer.from_config(get_config()).layout_prefix is None  # <bos> alone
-  with pytest.raises(hf_data.hf_tokenizer.TokenizerError, match=r"puts 4 tokens before the image .*train step runs "
-                                                                r'\[<bos>\]\[visual\]\[text\]'):
-    hf_data.check_trainable(c, tok)
+  # Training batches carry it (B, P) on every row, for the train step's forwards of the frozen VLM;
+  # the question slots hold only the text after the image.
+  data = hf_data.load_data(c, tok)
+  batch = next(hf_data.batch_iterator(data, c, 2, seed=0, prefix_ids=tok.layout_prefix))
+  np.testing.assert_array_equal(batch['prefix_ids'], [tok.prefix_ids.tolist()] * 2)
+  assert batch['prefix_ids'].shape == (2, 4) and batch['prefix_valid'].all()
+  assert batch['question_ids'].shape == (2, 40)
+  row = batch['question_ids'][0][batch['question_valid'][0]]
+  assert tok.hf.decode(row, skip_special_tokens=False).endswith(' ASSISTANT:')
+  # Without a prefix (<bos> alone) the keys are left out: the model's default layout.
+  assert 'prefix_ids' not in next(hf_data.batch_iterator(data, c, 2, seed=0))
   ckpt = tmp_path / 'qwen'
   shutil.copytree(FIXTURE, ckpt, ignore=shutil.ignore_patterns('*.safetensors', 'sharded', 'llama_tokenizer'))
   cfg = json.loads((ckpt / 'config.json').read_text())
@@ -236,8 +251,9 @@ def test_train_two_steps_with_and_without_answers_then_export_and_generate(tmp_p
   with pytest.raises(user_data.BadDataError, match=r"unlabelled\.jsonl row 0 .*has no field 'answer'.*"
                                                    r"train\.reward='agreement'"):
     next(hf_data.batch_iterator(rows, c2, 2, seed=0))
+  # This one with LLaVA-1.5's chat template: <s> USER: before the image in every forward of the step.
   proc = main('train_agent', tmp_path / 'agent2', '--config.hf.data_format=jsonl', f'--config.hf.data_path={data2}',
-              f'--config.hf.template={TEMPLATE}', '--config.train.reward=agreement')
+              f'--config.hf.template={CHAT}', '--config.train.reward=agreement')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len((tmp_path / 'agent2' / 'metrics.jsonl').read_text().splitlines()) == 2
 

@@ -44,10 +44,9 @@ only with the label-free reward (`train.reward='agreement'`); a labelled reward 
 
 Sequence layout. The model's sequence is `[prefix][visual][text]` (gripjax/models/vlm.py). A template
 with text before the image (LLaVA-1.5's `USER: <image>\\n{question} ASSISTANT:`, the default) gives
-batches `prefix_ids` / `prefix_valid`, which evaluation and generation pass to the model; with
-`<image>\\n{question}` the prefix is <bos> alone, the model's default, and the keys are left out.
-The agent's train step runs the default layout only, so training refuses a template with text before
-the image (`batch_iterator`).
+batches `prefix_ids` / `prefix_valid`, which evaluation, generation and the agent's train step pass
+to the model; with `<image>\\n{question}` the prefix is <bos> alone, the model's default, and the
+keys are left out. The agent (scorer) itself reads only the text after the image.
 
 Bad input (rows skipped and counted with `hf.skip_bad_rows=True`, else a BadDataError naming the
 file, row and field): a missing or unreadable image, a row without a required field, a prompt longer
@@ -360,23 +359,16 @@ def eval_batches(data: HFData, config, batch_size: int, num_examples: Optional[i
     yield batch
 
 
-def check_trainable(config, tok: PromptTokenizer) -> None:
-  """Raises TokenizerError when the template puts text before the image: the train step runs the
-  model's default layout [<bos>][visual][text]."""
-  if tok.layout_prefix is not None:
-    raise hf_tokenizer.TokenizerError(
-        f'config.hf.template={config.hf.template!r} puts {len(tok.prefix_ids)} tokens before the image '
-        f'({tok.hf.decode(tok.prefix_ids, skip_special_tokens=False)!r}); the agent\'s train step runs '
-        "[<bos>][visual][text]: expected a template with only <bos> before the image for training, e.g. "
-        "--config.hf.template=$'<image>\\n{question}'.")
-
-
 def batch_iterator(data: HFData, config, batch_size: int, *, seed: int, start_step: int = 0,
-                   num_steps: Optional[int] = None) -> Iterator[dict]:
+                   num_steps: Optional[int] = None,
+                   prefix_ids: Optional[np.ndarray] = None) -> Iterator[dict]:
   """Training batches of this host's rows: `batch_size` LOCAL rows per step, for steps start_step, ...
 
   The order is `pipeline.global_batch_indices` over this host's rows (reshuffled every epoch by
   (seed, epoch)), so a run resumed at `start_step` reads what an uninterrupted one reads.
+  `prefix_ids`: as `encode_rows` (`PromptTokenizer.layout_prefix`, the template's text before the
+  image): the batches then carry `prefix_ids` / `prefix_valid`, which the train step passes to every
+  forward of the frozen VLM.
 
   Raises:
     user_data.BadDataError: fewer rows than one batch; rows without answers under a labelled reward.
@@ -396,7 +388,7 @@ def batch_iterator(data: HFData, config, batch_size: int, *, seed: int, start_st
   step = start_step
   while num_steps is None or step < start_step + num_steps:
     idx = pipeline.global_batch_indices(len(data), batch_size, step, shuffle=True, seed=seed)
-    yield encode_rows(data, idx, processor, num_tokens)
+    yield encode_rows(data, idx, processor, num_tokens, prefix_ids)
     step += 1
 
 

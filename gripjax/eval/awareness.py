@@ -55,7 +55,8 @@ def make_awareness_step(vlm, scorer, scorer_params, rho: float, k: int):
   'nesting': (B,) float32} for the agent at budget `rho` keeping k = budget_to_k(rho, N) tokens.
 
   `enc` is `evaluate.make_encode`'s output, `batch` the eval batch (question_ids, question_valid,
-  answer_id), `perm` (B,) int32 from `swap_permutation`, `position_mode` a bool scalar (renumber).
+  answer_id; prefix_ids / prefix_valid, the text before the image, when it carries them), `perm` (B,)
+  int32 from `swap_permutation`, `position_mode` a bool scalar (renumber).
   """
   rho = budget.check_rho(rho, 'rho')
   double = min(2.0 * rho, 1.0)
@@ -70,8 +71,9 @@ def make_awareness_step(vlm, scorer, scorer_params, rho: float, k: int):
                             rng=jax.random.PRNGKey(0), grid=(int(np.sqrt(n)),) * 2)
     kept = prune(ctx, k)  # chosen with the other example's question
     valid = jnp.ones(kept.index.shape, bool)
+    prefix = {key: batch[key] for key in ('prefix_ids', 'prefix_valid') if key in batch}
     logits = vlm.apply({'params': params}, kept.tokens, kept.index, valid, batch['question_ids'],
-                       mask, position_mode, method='answer_logits')  # answered with its own question
+                       mask, position_mode, method='answer_logits', **prefix)  # its own question
     swap_correct = logits.argmax(-1) == batch['answer_id']  # (B,)
 
     def top_k_mask(r):

@@ -31,6 +31,7 @@ from gripjax.eval import awareness
 from gripjax.eval import report as report_lib
 from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
+from gripjax.models.vlm import DEFAULT_PREFIX_LEN
 from gripjax.pruning import base
 from gripjax.pruning import inlm
 from gripjax.pruning import grip
@@ -245,8 +246,11 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   flags = jax.block_until_ready({mode: jnp.asarray(mode == 'renumber') for mode in POSITION_MODES})
   jax.block_until_ready(params)
   vision_seconds = []
+  prefix_len = DEFAULT_PREFIX_LEN  # Slots before the image: <bos> alone, or the batches' prefix.
   for i, batch in enumerate(batches):
     valid = batch['valid']
+    if 'prefix_ids' in batch:
+      prefix_len = int(np.shape(batch['prefix_ids'])[1])
     arrays = jax.block_until_ready({key: jnp.asarray(v) for key, v in batch.items() if key != 'valid'})
     t0 = time.perf_counter()
     enc = jax.block_until_ready(encode(params, arrays))  # The vision tower, timed once per batch.
@@ -283,7 +287,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
   for job in jobs:
     method, rho, mode = job
     k = kept[job]
-    flops = selection_costs.row_flops(config, method, k, question_len, vlm_vocab)
+    flops = selection_costs.row_flops(config, method, k, question_len, vlm_vocab, prefix_len)
     correct = np.concatenate(results[job]['correct'])
     recall = np.concatenate(results[job]['recall'])
     per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(task_names or scenes.TASKS)

@@ -21,8 +21,10 @@ gripjax/data/hf_data.py), so the same report is made from it, and three more:
 `accuracy` is the first generated token against the first token of the reference answer (the
 answer tokenized on its own; for a multi-token answer only its first token): a quick, exact measure.
 The benchmark's score, from the generated text, is the one to compare with published numbers.
-With a chat template the prefix (e.g. `<s> USER: `) stands before the image in every forward;
-the rows' FLOP and KV-cache columns count the text after the image only (config.hf.text_len slots).
+With a chat template the prefix (e.g. `<s> USER: `) stands before the image in every forward, the
+agent's (`grip`) included: the agent chooses from the question, the VLM answers on the prefix, the
+kept tokens and the question. The rows' FLOP columns count the prefix's P slots with the text's
+(config.hf.text_len slots); the KV-cache column counts one slot before the image (<bos>) whatever P.
 The generated answers go to `WORKDIR/eval/predictions.jsonl` (one line per row and job), the
 benchmark scores to `WORKDIR/eval/benchmark.md`.
 """
@@ -131,10 +133,6 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     raise ValueError(f'config.eval.methods holds {oracle}, which read answer regions: a benchmark or user '
                      'dataset has none; expected methods without them.')
   tok = runtime.tokenizer_for(config)
-  if 'grip' in methods and tok.layout_prefix is not None:
-    raise ValueError(f"config.eval.methods holds 'grip' with config.hf.template={config.hf.template!r}, which puts "
-                     "text before the image: the agent's awareness measures run [<bos>][visual][text]; expected "
-                     "the template the agent was trained with (only <bos> before the image).")
   vlm = runtime.make_model(config, tok)
   params = runtime.load_vlm_params(config, vlm)
   data = hf_data.load_data(config, tok)

@@ -284,9 +284,8 @@ def make_grpo_phase(config):
     index, index_valid = policy.sorted_index(orders, order_valid)  # (B, G, k_max) each
     kept = jnp.take_along_axis(inputs.visual[:, None], index[..., None], axis=2)  # (B, G, k_max, D)
     flat = lambda x: phase_lib.flatten_group(x, rows)  # (B * G, ...), row b * G + g
-    tile = lambda x: phase_lib.tile(x, group, rows)
-    out = inputs.answer_logits(flat(kept), flat(index), flat(index_valid), tile(inputs.question_ids),
-                               tile(inputs.question_valid))  # (B * G, vocab)
+    # The question and any prefix tiled G times alongside.
+    out = inputs.answer_logits(flat(kept), flat(index), flat(index_valid), times=group)  # (B * G, vocab)
     out = out.reshape(b, group, -1)  # (B, G, vocab)
     target = inputs.reward_target()  # (B,) or (B, vocab)
     target = jnp.broadcast_to(target[:, None], (b, group) + target.shape[1:])  # (B, G[, vocab])

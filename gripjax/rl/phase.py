@@ -45,6 +45,9 @@ class PhaseInputs:
     rng: PRNG key of this step's sampling.
     rows: x -> x with its leading (row) axis split over the mesh's data axis.
     position_mode: the VLM's position mode ('keep' | 'renumber').
+    prefix_ids, prefix_valid: optional (B, P) text before the image (a chat template's head),
+      left-padded, as `VLM.assemble` takes them; None: the model's default prefix <bos> alone.
+      Every frozen-VLM forward of a phase reads it; the scorer does not (it reads the question).
   """
   vlm: Any
   vlm_params: Any
@@ -60,18 +63,37 @@ class PhaseInputs:
   rng: jax.Array
   rows: Callable[[jax.Array], jax.Array]
   position_mode: str
+  prefix_ids: jax.Array | None = None
+  prefix_valid: jax.Array | None = None
 
   @property
   def label_free(self) -> bool:
     return self.answer_id is None
 
-  def answer_logits(self, visual, index, valid, text_ids=None, text_valid=None, visual_weight=None):
-    """The frozen VLM's answer-slot logits (`VLM.answer_logits`) -> (R, vocab) float32; the text
-    defaults to this batch's question (pass tiled copies for R = B x G rollouts)."""
-    text_ids = self.question_ids if text_ids is None else text_ids
-    text_valid = self.question_valid if text_valid is None else text_valid
+  def prefix(self, times: int = 1) -> dict:
+    """This batch's prefix as `VLM.answer_logits` keywords, each row repeated `times` times (row
+    b * times + g holds example b's, as `tile`); {} for the default prefix <bos>."""
+    out = {}
+    for key in ('prefix_ids', 'prefix_valid'):
+      value = getattr(self, key)
+      if value is not None:
+        out[key] = value if times == 1 else tile(value, times, self.rows)  # (B * times, P)
+    return out
+
+  def answer_logits(self, visual, index, valid, text_ids=None, text_valid=None, visual_weight=None,
+                    times: int = 1):
+    """The frozen VLM's answer-slot logits (`VLM.answer_logits`) -> (R, vocab) float32.
+
+    The R = B x `times` rows of `visual` are this batch's examples each repeated `times` times (row
+    b * times + g: GRPO's rollouts); the question (unless `text_ids` / `text_valid` are given) and
+    the prefix are tiled to match.
+    """
+    tiled = lambda x: x if times == 1 else tile(x, times, self.rows)  # (B * times, ...)
+    text_ids = tiled(self.question_ids) if text_ids is None else text_ids
+    text_valid = tiled(self.question_valid) if text_valid is None else text_valid
     return self.vlm.apply({'params': self.vlm_params}, visual, index, valid, text_ids, text_valid,
-                          self.position_mode, visual_weight, method='answer_logits')
+                          self.position_mode, visual_weight, method='answer_logits',
+                          **self.prefix(times))
 
   def reward_target(self):
     """What a reward compares answers with: the answer ids (B,), or, label-free, the full-token

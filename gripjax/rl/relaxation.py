@@ -81,7 +81,8 @@ How a mask enters the VLM (`soft_answer_logits`): the decoder runs over ALL N vi
 their source order, and every query's attention to visual key j is weighted by m_j and renormalized,
 
   p_ij = w_j exp(q_i . k_j / sqrt(d)) / sum_l w_l exp(q_i . k_l / sqrt(d)),
-  w = 1 for <bos>, m_j for visual slot j, text_valid for text slots,
+  w = prefix_valid for the prefix (<bos>, or a chat template's head), m_j for visual slot j,
+      text_valid for text slots,
 
 i.e. the key bias log(m_j) of attention masking (DynamicViT, Rao et al. 2021, arXiv 2106.02034),
 computed multiplicatively so its gradient at m_j = 0 is finite. With m's forward value hard, the
@@ -288,7 +289,7 @@ def perturbed_top_k_from_noise(logits, noise, k, k_max: int, sigma, centered: bo
 
 
 def soft_answer_logits(vlm, vlm_params, visual, mask, hard, text_ids, text_valid,
-                       position_mode=None):
+                       position_mode=None, *, prefix_ids=None, prefix_valid=None):
   """Frozen-VLM answer logits with every visual token in place, weighted by `mask`.
 
   Args:
@@ -298,6 +299,7 @@ def soft_answer_logits(vlm, vlm_params, visual, mask, hard, text_ids, text_valid
     hard: (R, N) bool kept tokens: the positions of `renumber` mode count only these.
     text_ids, text_valid: (R, T) left-padded question.
     position_mode: 'keep' | 'renumber'; None takes the VLM config's.
+    prefix_ids, prefix_valid: optional (R, P) text before the image; None: <bos> alone.
 
   Returns:
     (R, vocab) float32 logits at the answer slot (`VLM.answer_logits` with `visual_weight=mask`:
@@ -306,8 +308,10 @@ def soft_answer_logits(vlm, vlm_params, visual, mask, hard, text_ids, text_valid
   """
   r, n, _ = visual.shape
   index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (r, n))  # (R, N)
+  prefix = {k: v for k, v in (('prefix_ids', prefix_ids), ('prefix_valid', prefix_valid))
+            if v is not None}
   return vlm.apply({'params': vlm_params}, visual, index, hard, text_ids, text_valid, position_mode,
-                   mask, method='answer_logits')  # (R, vocab)
+                   mask, method='answer_logits', **prefix)  # (R, vocab)
 
 
 def answer_loss(logits, target, label_free: bool):
@@ -397,10 +401,11 @@ def _relaxation_phase(config, draw, samples: int):
       None, metrics dict of METRIC_KEYS entries).
     samples: S.
 
-  The VLM runs over all N tokens per sample (1 + N + T slots, dropped ones weighted 0), against
-  1 + k_max + T for a GRPO rollout: the price of a gradient that reaches dropped tokens. Metrics:
-  `loss` (the answer loss plus any penalty), `reward/*` (`train.reward` of the hard keep-sets, the S
-  samples of an example forming its group, as GRPO logs its rollouts), and `draw`'s.
+  The VLM runs over all N tokens per sample (P + N + T slots, dropped ones weighted 0; P = 1 for
+  <bos> alone), against P + k_max + T for a GRPO rollout: the price of a gradient that reaches
+  dropped tokens. Metrics: `loss` (the answer loss plus any penalty), `reward/*` (`train.reward` of
+  the hard keep-sets, the S samples of an example forming its group, as GRPO logs its rollouts),
+  and `draw`'s.
   """
   reward_fn = rewards_lib.get(config.train.reward)
 
@@ -416,7 +421,7 @@ def _relaxation_phase(config, draw, samples: int):
       mask, hard, penalty, metrics = draw(logits, inputs)  # (B, S, N) x2, (B, S) or None
       out = soft_answer_logits(inputs.vlm, inputs.vlm_params, tile(inputs.visual), flat(mask),
                                flat(hard), tile(inputs.question_ids), tile(inputs.question_valid),
-                               inputs.position_mode)  # (B * S, vocab)
+                               inputs.position_mode, **inputs.prefix(samples))  # (B * S, vocab)
       per_row = answer_loss(out, target, inputs.label_free)  # (B * S,)
       ok = jnp.isfinite(per_row)
       loss = jnp.sum(jnp.where(ok, per_row, 0.0)) / jnp.maximum(jnp.sum(ok), 1)

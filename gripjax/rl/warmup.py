@@ -7,12 +7,16 @@ hundreds of steps on groups whose rewards barely differ).
 Teachers (importance per visual token, (B, N), computed with every token kept):
 
   attention  a_j = (1 / L) sum_l (1 / H) sum_h A^l_h[answer slot, visual slot j], renormalized over j.
-             The answer slot is the last text slot (`<sep>`, which predicts the one-word answer).
+             The answer slot is the last text slot (`<sep>`, which predicts the one-word answer);
+             visual slot j sits at sequence slot P + j after the P prefix slots (`SequenceLayout`).
              One forward, layer by layer (`run_layers(..., i, i + 1, attn_layer=i)`).
   loo        a_j = log p(y | all tokens) - log p(y | all tokens but j): the drop of the answer's
              log-probability when token j is removed. Exact for what the reward measures, but it
              costs N + 1 full forwards per example (N = 576 for LLaVA-1.5: ~577x a forward), run
              `chunk` tokens at a time; meant for small N (the tiny benchmark's 144) or offline use.
+
+Both run the frozen VLM on the batch's own sequence `[prefix][visual][text]`: the prefix is <bos>
+alone by default, or a chat template's head (`prefix_ids` / `prefix_valid`, as `VLM.assemble`).
 
 Loss. With the scorer's logits s and the teacher's top-m tokens o = (o_1, ..., o_m) in decreasing
 importance, ListMLE (Xia et al. 2008) is the negative Plackett-Luce log-likelihood of that order:
@@ -35,7 +39,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gripjax.models.vlm import ModelConfig
+from gripjax.models.vlm import DEFAULT_PREFIX_LEN, ModelConfig, SequenceLayout
 from gripjax.rl import phase as phase_lib
 from gripjax.rl import policy
 
@@ -48,7 +52,8 @@ def _full_slots(visual):
   return index, jnp.ones((b, n), bool)
 
 
-def teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, position_mode=None):
+def teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, position_mode=None, *,
+                      prefix_ids=None, prefix_valid=None):
   """Answer-slot attention to each visual slot, mean over heads and all LM layers.
 
   Args:
@@ -56,6 +61,7 @@ def teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, pos
     visual: (B, N, D) visual tokens (all kept).
     question_ids, question_valid: (B, T) left-padded question (last slot predicts the answer).
     position_mode: None takes the VLM config's.
+    prefix_ids, prefix_valid: optional (B, P) text before the image; None: <bos> alone (P = 1).
 
   Returns:
     importance: (B, N) float32, >= 0, summing to 1 over N (each row).
@@ -64,14 +70,16 @@ def teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, pos
   variables = {'params': vlm_params}
   index, valid = _full_slots(visual)
   h, positions, key_valid = vlm.apply(variables, visual, index, valid, question_ids, question_valid,
-                                      position_mode, method='assemble')
-  n = visual.shape[1]
+                                      position_mode, method='assemble', prefix_ids=prefix_ids,
+                                      prefix_valid=prefix_valid)
+  prefix_len = DEFAULT_PREFIX_LEN if prefix_ids is None else prefix_ids.shape[1]
+  slots = SequenceLayout(prefix_len, visual.shape[1], question_ids.shape[1]).visual  # P .. P+N-1
   depth = ModelConfig.from_config(vlm.config).llm.depth
   total = jnp.zeros(visual.shape[:2], jnp.float32)  # (B, N)
   for i in range(depth):
     h, attn = vlm.apply(variables, h, positions, key_valid, i, i + 1, attn_layer=i,
                         method='run_layers')  # attn (B, H, L, L)
-    total = total + jnp.mean(attn[:, :, -1, 1:1 + n].astype(jnp.float32), axis=1)  # (B, N)
+    total = total + jnp.mean(attn[:, :, -1, slots].astype(jnp.float32), axis=1)  # (B, N)
   mean = total / depth
   importance = mean / jnp.maximum(jnp.sum(mean, axis=-1, keepdims=True), 1e-12)  # (B, N)
   full_logits = vlm.apply(variables, h[:, -1:], method='logits')[:, 0]  # (B, vocab)
@@ -79,7 +87,7 @@ def teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, pos
 
 
 def teacher_loo(vlm, vlm_params, visual, question_ids, question_valid, answer_id=None,
-                position_mode=None, chunk=16):
+                position_mode=None, chunk=16, *, prefix_ids=None, prefix_valid=None):
   """Leave-one-out importance: drop of log p(answer) when one token is removed.
 
   Cost: N + 1 forwards of the full sequence per example; `chunk` removed tokens are batched into
@@ -88,6 +96,7 @@ def teacher_loo(vlm, vlm_params, visual, question_ids, question_valid, answer_id
   Args:
     answer_id: (B,) int target; None uses the full model's own argmax answer (label-free).
     chunk: tokens removed per batched forward (static).
+    prefix_ids, prefix_valid: optional (B, P) text before the image; None: <bos> alone.
 
   Returns:
     importance: (B, N) float32 (may be negative: removing a token can help).
@@ -99,7 +108,8 @@ def teacher_loo(vlm, vlm_params, visual, question_ids, question_valid, answer_id
 
   def answer_logits(v):
     return vlm.apply(variables, visual, index, v, question_ids, question_valid, position_mode,
-                     method='answer_logits')  # (B, vocab)
+                     method='answer_logits', prefix_ids=prefix_ids,
+                     prefix_valid=prefix_valid)  # (B, vocab)
 
   full_logits = answer_logits(valid)
   target = jnp.argmax(full_logits, -1) if answer_id is None else jnp.asarray(answer_id, jnp.int32)
@@ -116,13 +126,15 @@ def teacher_loo(vlm, vlm_params, visual, question_ids, question_valid, answer_id
 
 
 def teacher_importance(name, vlm, vlm_params, visual, question_ids, question_valid, answer_id=None,
-                       position_mode=None, chunk=16):
+                       position_mode=None, chunk=16, *, prefix_ids=None, prefix_valid=None):
   """Dispatches to `teacher_<name>`; returns (importance (B, N), full_logits (B, vocab))."""
+  prefix = dict(prefix_ids=prefix_ids, prefix_valid=prefix_valid)
   if name == 'attention':
-    return teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, position_mode)
+    return teacher_attention(vlm, vlm_params, visual, question_ids, question_valid, position_mode,
+                             **prefix)
   if name == 'loo':
     return teacher_loo(vlm, vlm_params, visual, question_ids, question_valid, answer_id,
-                       position_mode, chunk)
+                       position_mode, chunk, **prefix)
   raise ValueError(f'teacher={name!r} is invalid: expected one of {TEACHERS}.')
 
 
@@ -180,7 +192,7 @@ def make_warmup_phase(config):
     m = min(top, inputs.visual.shape[1])
     importance, _ = teacher_importance(teacher, inputs.vlm, inputs.vlm_params, inputs.visual,
                                        inputs.question_ids, inputs.question_valid, inputs.answer_id,
-                                       inputs.position_mode, chunk)  # (B, N)
+                                       inputs.position_mode, chunk, **inputs.prefix())  # (B, N)
 
     def loss_fn(p):
       return warmup_loss(inputs.score(p), importance, m, kl_coef)

@@ -23,6 +23,10 @@ Per batch of B examples (every shape static; per-example budgets are masks):
 
   rho_b ~ U(rho_min, rho_max),   k_b = budget_k(rho_b, N),   k_max = budget_to_k(rho_max, N)
   s_b = scorer(V_b, Q_b, rho_b)                                             (B, N)
+
+A batch may carry `prefix_ids` / `prefix_valid` (B, P), the text before the image of a chat template
+(`VLM.assemble`); every frozen-VLM forward of both phases then runs `[prefix][visual][text]`, while
+the scorer still reads only the question. Without them the prefix is <bos> alone.
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ def check(config) -> None:
     cl.choice(config, 'train.kl_estimator', grpo.KL_ESTIMATORS)
   if 'ppo_epochs' in t:
     cl.integer(config, 'train.ppo_epochs')
+  if t.get('second_lr') is not None:
+    cl.number(config, 'train.second_lr')
   if 'adv_scale' in t:
     cl.choice(config, 'train.adv_scale', grpo.ADV_SCALES)
 
@@ -131,10 +137,18 @@ SECOND_PHASES = {
 # --- Optimizer and state. ------------------------------------------------------------------------
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW at train.lr after a 10-step linear ramp."""
+  """Global-norm clip, then AdamW at train.lr after a 10-step linear ramp.
+
+  From update `train.warmup_steps` on (the second phase: each warm-up step is one update) the rate
+  is `train.second_lr` when set: GRPO's and the relaxations' noisier gradients take a smaller step
+  than the supervised warm-up's.
+  """
   t = config.train
   ramp = max(1, min(10, t.steps // 10))
   lr = optax.linear_schedule(t.lr / ramp, t.lr, ramp)
+  second = t.get('second_lr')
+  if second is not None and 0 < t.warmup_steps < t.steps:
+    lr = optax.join_schedules([lr, optax.constant_schedule(second)], [t.warmup_steps])
   return optax.chain(optax.clip_by_global_norm(t.grad_clip),
                      optax.adamw(lr, weight_decay=t.weight_decay))
 
@@ -199,7 +213,8 @@ def make_train_step(vlm, scorer, tx, config, second_phase: Callable | None = Non
 
   Returns:
     A jitted function donating `state`. `batch` needs pixels, question_ids, question_valid and
-    answer_id (other keys are ignored); `vlm_params` is the inner 'params' of the VLM.
+    answer_id, and may carry prefix_ids / prefix_valid (other keys are ignored); `vlm_params` is
+    the inner 'params' of the VLM.
     Metrics: `METRIC_KEYS`, float32 scalars, the same keys in both phases.
   """
   t = config.train
@@ -237,7 +252,8 @@ def make_train_step(vlm, scorer, tx, config, second_phase: Callable | None = Non
         vlm=vlm, vlm_params=vlm_params, visual=visual, question_ids=ids, question_valid=qvalid,
         answer_id=None if label_free else batch['answer_id'], rho=rho, k=budget.budget_k(rho, n),
         k_max=budget.budget_to_k(rho_hi, n), score=score, ref_params=ref_params, rng=sample_rng,
-        rows=rows, position_mode=position_mode)
+        rows=rows, position_mode=position_mode, prefix_ids=batch.get('prefix_ids'),
+        prefix_valid=None if 'prefix_valid' not in batch else batch['prefix_valid'].astype(bool))
 
     def run(phase):
       def branch(params, opt_state):

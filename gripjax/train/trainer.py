@@ -44,8 +44,9 @@ from gripjax.train import sharding
 from gripjax.train import step as step_lib
 from gripjax.train import validation
 
-# Batch keys the step reads; the others stay on the host.
-BATCH_KEYS = ('pixels', 'question_ids', 'question_valid', 'answer_id')
+# Batch keys the step reads (the prefix only when a chat template puts text before the image); the
+# others stay on the host.
+BATCH_KEYS = ('pixels', 'question_ids', 'question_valid', 'answer_id', 'prefix_ids', 'prefix_valid')
 
 
 def state_tree(state: step_lib.TrainState) -> dict[str, Any]:
@@ -201,7 +202,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _log_bytes('frozen VLM params', vlm_params, vlm_shardings,
              sharding.rules_from_config(config, 'vlm_params'))
   if 'hf' in config:  # A user's dataset (config.hf.data_path): each host reads and visits its own shard.
-    hf_data.check_trainable(config, tok)
     train_src = hf_data.load_data(config, tok, jax.process_index(), jax.process_count())
   else:
     train_src = runtime.split_source(config, workdir, 'train')
@@ -241,7 +241,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         state_sharding=state_shardings, vlm_sharding=vlm_shardings)
   if 'hf' in config:
     batches = pipeline.prefetch(hf_data.batch_iterator(
-        train_src, config, t.batch_size // jax.process_count(), seed=config.seed, start_step=start))
+        train_src, config, t.batch_size // jax.process_count(), seed=config.seed, start_step=start,
+        prefix_ids=tok.layout_prefix))
   else:
     batches = pipeline.prefetch(pipeline.batch_iterator(
         train_src, tok, t.batch_size, text_len, shuffle=True, seed=config.seed, start_step=start,

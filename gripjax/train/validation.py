@@ -33,27 +33,31 @@ def make_validator(vlm, scorer, config, batch: dict[str, Any]) -> Callable[[Any,
   """A jitted `validate(agent_params, vlm_params) -> {metric: float32 scalar}` on `batch`.
 
   `batch` needs pixels, question_ids, question_valid and answer_id (its rows are all real
-  examples). Metrics: `val/reward`, `val/accuracy` (means over `train.val_budgets`) and
-  `val/reward@1/9`, `val/accuracy@1/9`, ... per budget.
+  examples), and may carry prefix_ids / prefix_valid (B, P), the text before the image that every
+  VLM forward then reads (`VLM.assemble`; default <bos> alone). Metrics: `val/reward`,
+  `val/accuracy` (means over `train.val_budgets`) and `val/reward@1/9`, `val/accuracy@1/9`, ... per
+  budget.
   """
   t = config.train
   budgets = tuple(float(r) for r in t.val_budgets)
   reward_fn = rewards_lib.get(t.reward)
   label_free = t.reward in rewards_lib.LABEL_FREE
   position_mode = config.model.position_mode
-  arrays = {k: jnp.asarray(batch[k]) for k in ('pixels', 'question_ids', 'question_valid', 'answer_id')}
+  keys = ('pixels', 'question_ids', 'question_valid', 'answer_id', 'prefix_ids', 'prefix_valid')
+  arrays = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
 
   @jax.jit
   def run(agent_params, vlm_params, arrays):  # The batch is an argument: as a closed-over constant
     variables = {'params': vlm_params}      # XLA would constant-fold the vision tower over it.
     ids, qvalid = arrays['question_ids'], arrays['question_valid'].astype(bool)
+    prefix = {k: arrays[k] for k in ('prefix_ids', 'prefix_valid') if k in arrays}
     visual, _ = vlm.apply(variables, arrays['pixels'], method='encode_image')  # (B, N, D)
     question = vlm.apply(variables, ids, method='embed_text')  # (B, T, D)
     b, n, _ = visual.shape
     full_index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     if label_free:
       target = vlm.apply(variables, visual, full_index, jnp.ones((b, n), bool), ids, qvalid,
-                         position_mode, method='answer_logits')  # (B, vocab)
+                         position_mode, method='answer_logits', **prefix)  # (B, vocab)
     else:
       target = arrays['answer_id']
     out = {}
@@ -64,7 +68,7 @@ def make_validator(vlm, scorer, config, batch: dict[str, Any]) -> Callable[[Any,
       index = jnp.sort(policy.greedy(logits, k), axis=-1)  # (B, k)
       kept = jnp.take_along_axis(visual, index[..., None], axis=1)  # (B, k, D)
       answer = vlm.apply(variables, kept, index, jnp.ones((b, k), bool), ids, qvalid, position_mode,
-                         method='answer_logits')  # (B, vocab)
+                         method='answer_logits', **prefix)  # (B, vocab)
       label = budget_label(rho)
       out[f'val/reward@{label}'] = jnp.mean(reward_fn(answer, target))
       out[f'val/accuracy@{label}'] = jnp.mean(answer.argmax(-1) == arrays['answer_id'])
