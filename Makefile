@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m gripjax.main --config=configs/gripbench_tiny.py --mode=demo --workdir=$(WORKDIR)
+	$(PY) -m gripjax.main --config=configs/gripbench_dense.py --mode=demo --workdir=$(WORKDIR)
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -120,6 +120,7 @@ def get_config(arg=None):
   c.demo.train_steps = 120  # Agent steps (warm-up + GRPO) of the demo; config.train.steps is the full run.
   c.demo.warmup_steps = 40  # Of which supervised warm-up.
   c.demo.eval_examples = 500  # Test examples the demo's comparison runs on (the first ones).
+  c.demo.num_train = ml_collections.FieldReference(None, field_type=int)  # Training examples the demo prepares; None: data.num_train.
 
   # --- Agent ablations (--mode=ablations): variants x seeds, same examples and budgets. -----------
   c.ablation = ml_collections.ConfigDict()
@@ -150,6 +151,7 @@ def get_config(arg=None):
   c.train.steps = 300  # Total steps (warm-up + GRPO).
   c.train.warmup_steps = 100  # First steps fit the teacher ranking (ListMLE); the rest run GRPO.
   c.train.lr = 1e-3  # AdamW learning rate (after a linear ramp of 10 steps).
+  c.train.second_lr = ml_collections.FieldReference(None, field_type=float)  # Learning rate after the warm-up (GRPO or a relaxation); None: train.lr.
   c.train.weight_decay = 0.0  # AdamW weight decay.
   c.train.grad_clip = 1.0  # Global gradient-norm clip.
   c.train.rho_range = (1 / 18, 1 / 2)  # (min, max) keep ratio, sampled uniformly per example.

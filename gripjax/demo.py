@@ -35,6 +35,8 @@ def demo_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
   c.train.warmup_steps = min(d.warmup_steps, d.train_steps)
   c.train.checkpoint_every = max(1, min(c.train.checkpoint_every, d.train_steps))
   c.eval.num_examples = d.eval_examples
+  if d.get('num_train') is not None:  # A smaller training split: the demo reads only steps x batch.
+    c.data.num_train = d.num_train
   methods = tuple(c.eval.methods)
   if 'grip' not in methods:
     c.eval.methods = methods + ('grip',)
@@ -49,6 +51,8 @@ def check(c) -> None:
   for f in ('train_steps', 'eval_examples'):
     config_lib.integer(c, f'demo.{f}')
   config_lib.integer(c, 'demo.warmup_steps', minimum=0)
+  if c.demo.get('num_train') is not None:
+    config_lib.integer(c, 'demo.num_train')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:

@@ -29,6 +29,15 @@ visual slots (dropped ones weighted 0), a GRPO rollout only the k_max gathered o
 stops after its warm-up steps by design. Every variant is evaluated the same way, as the top-
 ceil(rho N) ranker of the scorer's logits (`grip`).
 
+Shared warm-up. The variants that begin with the warm-up (budget_aware and the three relaxations)
+would each repeat the same `ablation.warmup_steps` steps on the same data, seed and optimizer: the
+warm-up phase does not read `train.algorithm`, and the PRNG key and data position live in the
+state. So each seed's warm-up is trained once, as the warmup_only variant (which is exactly that
+run), and the others start from a copy of its last checkpoint (`start_from_warmup`), resuming at
+step warmup_steps. A tested equivalence (tests/test_ablations.py): the copied start gives the same
+params as a run from step 0. When the learning-rate ramp would differ (fewer than 100 steps, see
+`step.make_optimizer`) or warmup_only is not among the variants, each run trains its own warm-up.
+
 The methods of `config.ablation.references` (`full` and the baselines) are evaluated on the same
 examples and budgets, so the summary compares the variants with them directly.
 
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -121,6 +131,47 @@ def variant_configs(config, variant: str, seed: int, data_dir: str):
   return out
 
 
+# Variants whose runs begin with the shared warm-up (see the module docstring).
+SHARES_WARMUP = ('budget_aware',) + RELAXATION_VARIANTS
+
+
+def _ramp(steps: int) -> int:
+  return max(1, min(10, steps // 10))  # step.make_optimizer's learning-rate ramp.
+
+
+def shares_warmup(config, variant: str) -> bool:
+  """Whether `variant`'s runs start from the seed's warmup_only checkpoint instead of step 0."""
+  a = config.ablation
+  warm = min(a.warmup_steps, a.train_steps)
+  return (variant in SHARES_WARMUP and 'warmup_only' in tuple(a.variants) and 0 < warm < a.train_steps
+          and _ramp(warm) == _ramp(a.train_steps))
+
+
+def start_from_warmup(run_dir: str, warmup_dir: str, warmup_steps: int) -> bool:
+  """Seeds `run_dir/checkpoints` with the warm-up run's checkpoint at `warmup_steps` (and its log).
+
+  Does nothing when `run_dir` already has checkpoints (an interrupted run resumes from its own).
+  The copy is made under a temporary name and renamed, so an interruption never leaves half a
+  checkpoint. Returns True when it copied.
+  """
+  dest = os.path.join(run_dir, 'checkpoints')
+  if os.path.isdir(dest) and os.listdir(dest):
+    return False
+  src = os.path.join(warmup_dir, 'checkpoints', str(warmup_steps))
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f'the shared warm-up {warmup_dir} has no checkpoint at step '
+                            f'{warmup_steps} ({src}): expected the warmup_only run to end there.')
+  os.makedirs(dest, exist_ok=True)
+  tmp = os.path.join(run_dir, f'.{warmup_steps}.copying')
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp)
+  metrics = os.path.join(warmup_dir, 'metrics.jsonl')
+  if os.path.exists(metrics):  # The curve then spans warm-up and second phase.
+    shutil.copyfile(metrics, os.path.join(run_dir, 'metrics.jsonl'))
+  os.replace(tmp, os.path.join(dest, str(warmup_steps)))
+  return True
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Mean and sample std of accuracy (and region recall) over seeds, per (method, budget)."""
   groups = {}
@@ -171,12 +222,17 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   split = config.ablation.get('split', 'validation')
   source = runtime.split_source(config, workdir, split)
   rows = []
+  # The warm-up-only runs go first: the variants that share the warm-up start from them.
+  variants = tuple(sorted(variants, key=lambda v: v != 'warmup_only'))
   for variant in variants:
     for seed in config.ablation.seeds:
       for i, (budgets, c) in enumerate(variant_configs(config, variant, seed, data_dir)):
         run_dir = os.path.join(out_dir, variant, f'seed{seed}' + (f'_b{i}' if variant == 'per_budget'
                                                                   else ''))
         if not os.path.isdir(os.path.join(run_dir, 'agent')):
+          if shares_warmup(config, variant):
+            start_from_warmup(run_dir, os.path.join(out_dir, 'warmup_only', f'seed{seed}'),
+                              c.train.warmup_steps)
           logging.info('ablations: training %s seed %d (%s)', variant, seed, run_dir)
           trainer.run(c, run_dir)
         c.agent.checkpoint = os.path.join(run_dir, 'agent')
