@@ -43,7 +43,7 @@ def test_report_writes_time_plot_and_speedup_table(tmp_path):
   assert '| 0.111 | 16 | 80.0 | dart (36 kept) | 82.0 | 2.00x |' in text
 
 
-def test_ablation_summary_mean_and_std_over_seeds():
+def test_ablation_summary_mean_std_and_standard_error_over_seeds():
   from gripjax.eval import ablations
   rows = [dict(_row('grip:relaxation', 16, acc, 1.0), seed=s) for s, acc in ((0, 0.5), (1, 0.7))]
   rows.append(dict(_row('grip:per_budget', 8, 0.6, 1.0), seed=0))
@@ -51,9 +51,11 @@ def test_ablation_summary_mean_and_std_over_seeds():
   relax = summary['grip:relaxation']
   assert relax['seeds'] == [0, 1] and abs(relax['accuracy_mean'] - 0.6) < 1e-9
   assert abs(relax['accuracy_std'] - 0.1414213562) < 1e-6  # sample std of (0.5, 0.7)
+  assert abs(relax['accuracy_se'] - 0.1) < 1e-6  # std / sqrt(2)
   assert summary['grip:per_budget']['accuracy_std'] is None
+  assert summary['grip:per_budget']['accuracy_se'] is None
   text = ablations.summary_markdown(list(summary.values()))
-  assert '60.0 ± 14.1 (n=2)' in text and '60.0 (n=1)' in text
+  assert '60.0 ± 10.0 (n=2)' in text and '60.0 (n=1)' in text
 
 
 def test_awareness_table_and_validation_curve(tmp_path):

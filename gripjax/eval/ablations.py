@@ -173,7 +173,7 @@ def start_from_warmup(run_dir: str, warmup_dir: str, warmup_steps: int) -> bool:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Mean and sample std of accuracy (and region recall) over seeds, per (method, budget)."""
+  """Mean, sample std and standard error (std / sqrt(seeds)) of accuracy over seeds, per (method, budget)."""
   groups = {}
   for r in rows:
     groups.setdefault((r['method'], r['budget']), []).append(r)
@@ -183,6 +183,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out.append({'method': method, 'budget': budget, 'kept_tokens': rs[0]['kept_tokens'],
                 'seeds': sorted(r['seed'] for r in rs), 'accuracy_mean': float(acc.mean()),
                 'accuracy_std': float(acc.std(ddof=1)) if len(rs) > 1 else None,
+                'accuracy_se': float(acc.std(ddof=1) / np.sqrt(len(rs))) if len(rs) > 1 else None,
                 'n': rs[0]['n']})
   return out
 
@@ -202,8 +203,8 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
       if s is None:
         cells.append('-')
       else:
-        std = '' if s['accuracy_std'] is None else f" ± {100 * s['accuracy_std']:.1f}"
-        cells.append(f"{100 * s['accuracy_mean']:.1f}{std} (n={len(s['seeds'])})")
+        se = '' if s['accuracy_se'] is None else f" ± {100 * s['accuracy_se']:.1f}"
+        cells.append(f"{100 * s['accuracy_mean']:.1f}{se} (n={len(s['seeds'])})")
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -257,6 +258,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
   text = summary_markdown(summary)
   with open(os.path.join(out_dir, 'summary.md'), 'w') as f:
-    f.write(f'# Agent ablations (GRIP-Bench {split} accuracy %, mean ± std over seeds)\n\n' + text + '\n')
+    f.write(f'# Agent ablations (GRIP-Bench {split} accuracy %, mean ± standard error over seeds)\n\n'
+            + text + '\n')
   print(text)
   return rows
