@@ -14,8 +14,10 @@ preprocessor config and safetensors weights, e.g. a download of llava-hf/llava-1
       --config.hf.template=$'<image>\\n{question}' --config.hf.data_format=jsonl --config.hf.data_path=qa.jsonl
   python -m gripjax.main --config=configs/llava_hf.py:PATH --mode=export --workdir=/tmp/agent \\
       --config.hf.template=$'<image>\\n{question}'
-(gripjax/data/hf_data.py: the template must put only <bos> before the image while the model's sequence
-is [<bos>][visual][text]; bash's $'...' turns \\n into a newline.)
+(Any template works in every mode, `grip` in eval included: text before the image, as in the default
+LLaVA-1.5 `USER: <image>\\n{question} ASSISTANT:`, is passed to the model as a prefix, in the agent's
+train step too (gripjax/data/hf_data.py); `<image>\\n{question}` puts only <bos> before the image.
+bash's $'...' turns \\n into a newline.)
 
 What comes from the checkpoint (read once, here):
   model.*            gripjax.models.hf_llava.model_config(PATH): every field config.json decides,

@@ -52,7 +52,8 @@ Bad input (rows skipped and counted with `hf.skip_bad_rows=True`, else a BadData
 file, row and field): a missing or unreadable image, a row without a required field, a prompt longer
 than `hf.text_len` ('question_too_long'). An empty dataset (or every row bad) is always an error.
 An image that passes PIL's verify but fails to decode later raises, naming the row.
-Each host reads its own shard (user_data's contiguous rows of `process_index` of `process_count`).
+Each host reads its own shard (user_data's contiguous rows of `process_index` of `process_count`),
+in training and in evaluation (gripjax/eval/hf_eval.py joins the hosts' outcomes).
 """
 
 from __future__ import annotations
@@ -223,6 +224,16 @@ class HFData:
   @property
   def has_answers(self) -> bool:
     return all(self.answer_ids)
+
+  def use_task_names(self, names: Sequence[str]) -> None:
+    """Renumbers `task_ids` into `names`, which hold every name of `task_names` (e.g. the sorted
+    categories of every host's rows, so that a task id means the same category on every host)."""
+    names = tuple(names)
+    missing = [t for t in self.task_names if t not in names]
+    if missing:
+      raise ValueError(f'task names {names} lack {missing} of {self.source}: expected every category of its rows.')
+    self.task_ids = np.asarray([names.index(self.task_names[t]) for t in self.task_ids], np.int32)  # (R,)
+    self.task_names = names
 
 
 def _read(config, process_index, process_count):

@@ -166,10 +166,15 @@ def _score(logits, index, valid, batch):
   return correct, recall, index
 
 
-def _prefill_seconds(batch_seconds, batch_size):
-  """Median seconds per example over batches after the first (which compiles); None if only one."""
-  timed = batch_seconds[1:]
-  return float(np.median(timed)) / batch_size if timed else None
+def _prefill_seconds(timed, batch_size):
+  """Median seconds per example over `timed`, the batch times after (each host's) first batch, which
+  compiles; None if there are none."""
+  return float(np.median(timed)) / batch_size if len(timed) else None
+
+
+def _rows_of(parts, dtype):
+  """One array of a job's per-batch arrays, in batch order; empty (of `dtype`) with no batches."""
+  return np.concatenate(parts) if parts else np.zeros((0,), dtype)
 
 
 def _kept_lists(method, index, n, count):
@@ -209,13 +214,17 @@ def load_agent(config, vlm):
 
 def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_modes,
              num_examples=None, progress=True, agent=None, split: str = 'test', *, batches=None,
-             task_names=None) -> list[dict[str, Any]]:
+             task_names=None, gather=None) -> list[dict[str, Any]]:
   """Runs every (method, budget, position mode) on the same examples of `source` (the examples of
   `split`, recorded in each row); returns result rows.
 
   `batches` replaces the GRIP-Bench batches of `source` (`pipeline.eval_batches`) with any iterator
   of batches in that format covering its first `num_examples` rows (e.g. `hf_data.eval_batches`);
   `task_names` then names its `task_id`s (default: GRIP-Bench's task families).
+  `gather` (several hosts, each evaluating its own rows): a function from this host's per-row
+  outcomes (dicts of arrays, rows first; zero rows allowed) to every host's, joined in host order
+  (gripjax/eval/hf_eval.py); the rows' accuracies, per-task columns and times then cover every host's
+  rows, and every host returns the same rows.
   """
   n = runtime.num_visual_tokens_of(vlm)
   jobs = _jobs(methods, budgets, position_modes)
@@ -277,19 +286,33 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         results[job].setdefault('nesting', []).append(np.asarray(out['nesting'])[valid])
       bar.update(1)
   bar.close()
-  tasks = np.concatenate(tasks)
+  # Per-row outcomes (and the timed batches: each host's first compiles), joined over hosts by `gather`.
+  outcomes = {'task': _rows_of(tasks, np.int32), 'vision_seconds': np.asarray(vision_seconds[1:], np.float64),
+              'prefix_len': np.asarray([prefix_len]), 'jobs': {}}
+  for job in jobs:
+    res = results[job]
+    out = {'correct': _rows_of(res['correct'], bool), 'recall': _rows_of(res['recall'], np.float32),
+           'timed': np.asarray(res['batch_seconds'][1:], np.float64), 'seconds': np.asarray([res['seconds']])}
+    if step_of[job] in aware:  # The same jobs on every host, whether or not it has rows.
+      out['swap'] = _rows_of(res.get('swap', []), bool)
+      out['nesting'] = _rows_of(res.get('nesting', []), np.float32)
+    outcomes['jobs'][job] = out
+  if gather is not None:
+    outcomes = gather(outcomes)
+  tasks = outcomes['task']
+  prefix_len = int(np.max(outcomes['prefix_len']))  # A host without rows saw no batch's prefix.
   question_len = config.data.max_question_len
   vlm_vocab = runtime.vocab_size(config, tokenizer)
   # The vision tower and projector (`encode`), shared by every row and in none of its prefill columns.
   vision = {'vision_flops': costs.vision_flops(config, costs.vision_feature_layers(config)),
-            'vision_seconds': _prefill_seconds(vision_seconds, config.eval.batch_size)}
+            'vision_seconds': _prefill_seconds(outcomes['vision_seconds'], config.eval.batch_size)}
   rows = []
   for job in jobs:
     method, rho, mode = job
+    out = outcomes['jobs'][job]
     k = kept[job]
     flops = selection_costs.row_flops(config, method, k, question_len, vlm_vocab, prefix_len)
-    correct = np.concatenate(results[job]['correct'])
-    recall = np.concatenate(results[job]['recall'])
+    correct, recall = out['correct'], out['recall']
     per_task = {name: float(correct[tasks == t].mean()) for t, name in enumerate(task_names or scenes.TASKS)
                 if np.any(tasks == t)}
     rows.append({
@@ -299,20 +322,20 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         # LM prefill on what is kept (in-LM methods: every layer at its length) + selection_flops,
         # what the method itself runs to choose its tokens (scorer, DPP, clustering, attention reads).
         'prefill_flops': flops['prefill_flops'], 'selection_flops': flops['selection_flops'],
-        'kv_cache_bytes': (inlm.inlm_kv_cache_bytes(config, method, k, question_len)
+        'kv_cache_bytes': (inlm.inlm_kv_cache_bytes(config, method, k, question_len, prefix_len=prefix_len)
                            if pruning.is_in_lm(method) else
-                           costs.kv_cache_bytes(config, k, question_len)),
+                           costs.kv_cache_bytes(config, k, question_len, prefix_len=prefix_len)),
         # Time of the pruner plus the LM on this machine, with the compile where this job paid it (the
         # first position mode of a method and budget: the modes share one compiled function).
-        'seconds': round(results[job]['seconds'], 3),
+        'seconds': round(float(np.sum(out['seconds'])), 3),
         # Per example: median batch time (pruner + LM prefill, inputs ready before the clock starts)
         # after the first, compiling, batch.
-        'prefill_seconds': _prefill_seconds(results[job]['batch_seconds'], config.eval.batch_size),
+        'prefill_seconds': _prefill_seconds(out['timed'], config.eval.batch_size),
         **vision,
     })
-    if 'swap' in results[job]:  # See gripjax/eval/awareness.py.
-      rows[-1]['question_swap_accuracy'] = float(np.concatenate(results[job]['swap']).mean())
-      rows[-1]['budget_nesting'] = float(np.concatenate(results[job]['nesting']).mean())
+    if 'swap' in out:  # See gripjax/eval/awareness.py.
+      rows[-1]['question_swap_accuracy'] = float(out['swap'].mean())
+      rows[-1]['budget_nesting'] = float(out['nesting'].mean())
     if 'example_kept' in results[job]:
       # Examples 0, 1, ... of a split are a pure function of the data config: enough to redraw them.
       rows[-1]['examples'] = {

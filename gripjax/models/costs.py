@@ -147,17 +147,21 @@ def cache_len(kept_tokens: int, text_len: int, new_tokens: int) -> int:
 
 
 def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
-                   dtype_bytes: int | None = None) -> int:
-  """Bytes of one request's KV cache: depth * 2 (k and v) * S * KVH * Dh * dtype_bytes.
+                   dtype_bytes: int | None = None, prefix_len: int = 1) -> int:
+  """Bytes of one request's KV cache: depth * 2 (k and v) * S * KVH * Dh * dtype_bytes, Dh the LM's
+  `head_dim` (0: width // num_heads).
 
   Args:
     config: the ConfigDict.
     kept_tokens: k visual tokens in the prompt.
     text_len: T text slots (padding included: the cache holds them).
-    new_tokens: m generated tokens the cache has room for; S = 1 + k + T + m.
+    new_tokens: m generated tokens the cache has room for; S = P + k + T + m.
     dtype_bytes: bytes per value; None takes `config.model.dtype` (the cache is stored in it).
+    prefix_len: P, the slots before the image (1: <bos> alone; a chat template's head, e.g. LLaVA-1.5's
+      `<s> USER: `: its length).
   """
   _, hd, kvh, _, _, depth = _llm_dims(config)
+  hd = config.model.llm.get('head_dim') or hd  # An HF head_dim may differ from width // num_heads.
   if dtype_bytes is None:
     dtype = config.model.dtype
     if dtype not in DTYPE_BYTES:
@@ -165,7 +169,10 @@ def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
     dtype_bytes = DTYPE_BYTES[dtype]
   if isinstance(dtype_bytes, bool) or int(dtype_bytes) != dtype_bytes or dtype_bytes < 1:
     raise ValueError(f'dtype_bytes={dtype_bytes!r}: expected a positive int (4 for float32, 2 for bfloat16).')
-  return depth * 2 * cache_len(kept_tokens, text_len, new_tokens) * kvh * hd * int(dtype_bytes)
+  if isinstance(prefix_len, bool) or int(prefix_len) != prefix_len or prefix_len < 1:
+    raise ValueError(f'prefix_len={prefix_len!r}: expected a positive int (1: <bos> alone before the image).')
+  slots = cache_len(kept_tokens, text_len, new_tokens) - 1 + int(prefix_len)  # cache_len counts <bos> alone
+  return depth * 2 * slots * kvh * hd * int(dtype_bytes)
 
 
 def decode_token_flops(config, kept_tokens: int, text_len: int, new_tokens: int,
