@@ -22,7 +22,7 @@ from gripjax.rl import phase as phase_lib
 from gripjax.rl import warmup
 from gripjax.train import step as step_lib
 from gripjax.train import validation
-from tests.helpers import load_config
+from tests import helpers
 from tests.test_step import FAST, N, build, fake_batch, host, tiny_config, tiny_vlm
 
 B, BOS = 4, 1
@@ -237,25 +237,13 @@ def test_validation_curve_reads_the_prefix():
 
 # --- FLOP columns count the prefix (geometry of tests/test_selection_costs.py). --------------
 
-V, T = 20, 5  # Vocabulary and question slots of the cost geometry.
+V, T = helpers.COST_VOCAB, 5  # Vocabulary and question slots of the cost geometry.
+lm_layer = helpers.cost_lm_layer
 
 
 @pytest.fixture(scope='module')
 def cost_config():
-  """N = 16 patches; LM width 16, depth 3, 2 query heads, 1 key-value head of 8, MLP 32."""
-  c = load_config('gripbench_tiny')
-  c.model.vit.update(dict(image_size=32, patch_size=8, width=8, depth=1, num_heads=2, mlp_dim=16,
-                          feature_layer=-1))
-  c.model.projector_hidden = 8
-  c.model.llm.update(dict(vocab_size=V, width=16, depth=3, num_heads=2, num_kv_heads=1, mlp_dim=32,
-                          max_len=64))
-  return c
-
-
-def lm_layer(length):
-  """One decoder layer over `length` slots: q, o (16 x 16) and k, v (16 x 8): 48 columns; SwiGLU
-  3 x (16 x 32); scores and weighted values 2 * 2 * L * L * 16."""
-  return 2 * length * 16 * 48 + 2 * length * 16 * 32 * 3 + 2 * 2 * length * length * 16
+  return helpers.cost_config()
 
 
 def test_pre_lm_row_counts_the_prefix_slots(cost_config):

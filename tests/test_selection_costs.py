@@ -20,25 +20,15 @@ from gripjax.models import costs
 from gripjax.pruning import base
 from gripjax.pruning import selection_costs as sc
 from gripjax.pruning import vispruner
-from tests.helpers import load_config
+from tests import helpers
 
-N, T, V = 16, 5, 20
+N, T, V = 16, 5, helpers.COST_VOCAB
+lm_layer = helpers.cost_lm_layer
 
 
 @pytest.fixture(scope='module')
 def config():
-  c = load_config('gripbench_tiny')
-  c.model.vit.update(dict(image_size=32, patch_size=8, width=8, depth=1, num_heads=2, mlp_dim=16,
-                          feature_layer=-1))
-  c.model.projector_hidden = 8
-  c.model.llm.update(dict(vocab_size=V, width=16, depth=3, num_heads=2, num_kv_heads=1, mlp_dim=32,
-                          max_len=64))
-  return c
-
-
-def lm_layer(length):
-  # q, o: 16x16 each; k, v: 16x8 each -> 48 columns; SwiGLU 3 x (16 x 32); scores and values 2*2*L*L*16.
-  return 2 * length * 16 * 48 + 2 * length * 16 * 32 * 3 + 2 * 2 * length * length * 16
+  return helpers.cost_config()
 
 
 def test_top_k_and_sort_counts():
