@@ -62,6 +62,7 @@ import numpy as np
 from gripjax import config_lib
 from gripjax import runtime
 from gripjax.eval import evaluate
+from gripjax.train import step as step_lib
 from gripjax.train import trainer
 
 VARIANTS = ('budget_aware', 'warmup_only', 'grpo_only', 'relaxation', 'gumbel_sigmoid',
@@ -135,16 +136,12 @@ def variant_configs(config, variant: str, seed: int, data_dir: str):
 SHARES_WARMUP = ('budget_aware',) + RELAXATION_VARIANTS
 
 
-def _ramp(steps: int) -> int:
-  return max(1, min(10, steps // 10))  # step.make_optimizer's learning-rate ramp.
-
-
 def shares_warmup(config, variant: str) -> bool:
   """Whether `variant`'s runs start from the seed's warmup_only checkpoint instead of step 0."""
   a = config.ablation
   warm = min(a.warmup_steps, a.train_steps)
   return (variant in SHARES_WARMUP and 'warmup_only' in tuple(a.variants) and 0 < warm < a.train_steps
-          and _ramp(warm) == _ramp(a.train_steps))
+          and step_lib.lr_ramp(warm) == step_lib.lr_ramp(a.train_steps))
 
 
 def start_from_warmup(run_dir: str, warmup_dir: str, warmup_steps: int) -> bool:

@@ -136,6 +136,11 @@ SECOND_PHASES = {
 
 # --- Optimizer and state. ------------------------------------------------------------------------
 
+def lr_ramp(steps: int) -> int:
+  """Updates of the learning rate's linear ramp for a run of `steps` steps (10, fewer for short runs)."""
+  return max(1, min(10, steps // 10))
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """Global-norm clip, then AdamW at train.lr after a 10-step linear ramp.
 
@@ -144,7 +149,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
   than the supervised warm-up's.
   """
   t = config.train
-  ramp = max(1, min(10, t.steps // 10))
+  ramp = lr_ramp(t.steps)
   lr = optax.linear_schedule(t.lr / ramp, t.lr, ramp)
   second = t.get('second_lr')
   if second is not None and 0 < t.warmup_steps < t.steps:
