@@ -29,7 +29,7 @@ from gripjax import runtime
 from gripjax.data import hf_data
 from gripjax.data import user_data
 from gripjax.eval import hf_eval
-from gripjax.pruning import selection_costs
+from gripjax.models import costs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'hf_llava_tiny')
@@ -141,8 +141,8 @@ def test_eval_pope_every_pruner_with_benchmark_scores(tmp_path):
   # The FLOP columns count the 4 prefix slots (<s> USER: ): full's LM prefill runs 4 + 16 + 40 slots.
   c = get_config()
   vocab = runtime.vocab_size(c, tok)
-  assert by['full']['prefill_flops'] == selection_costs.lm_prefill_flops(c, 16, 40, vocab, prefix_len=4)
-  assert by['full']['prefill_flops'] > selection_costs.lm_prefill_flops(c, 16, 40, vocab)  # <bos> alone
+  assert by['full']['prefill_flops'] == costs.prefill_flops(c, 16, 40, vocab, prefix_len=4)
+  assert by['full']['prefill_flops'] > costs.prefill_flops(c, 16, 40, vocab)  # <bos> alone
 
 
 def test_bad_rows_skipped_and_counted_or_named(tmp_path):

@@ -52,10 +52,13 @@ def attention_probs_flops(config, length: int) -> int:
   return 2 * length * d * (d + kvh * hd) + 2 * length * length * d
 
 
-def prefill_flops(config, kept_tokens: int, text_len: int, vocab_size: int | None = None) -> int:
-  """FLOPs of the LM prefill over <bos> + `kept_tokens` visual tokens + `text_len` text tokens."""
+def prefill_flops(config, kept_tokens: int, text_len: int, vocab_size: int | None = None,
+                  prefix_len: int = 1) -> int:
+  """FLOPs of the LM prefill over the `prefix_len` slots before the image (1: <bos> alone; a chat
+  template's head: its length) + `kept_tokens` visual tokens + `text_len` text tokens: every layer
+  over all of them and the LM head on the last slot."""
   d, _, _, _, v, depth = _llm_dims(config, vocab_size)
-  length = 1 + int(kept_tokens) + int(text_len)
+  length = cache_len(kept_tokens, text_len, 0, prefix_len)
   return depth * llm_layer_flops(config, length) + 2 * d * max(v, 0)
 
 
@@ -138,12 +141,15 @@ def cost_report(config, text_len: int) -> dict[str, Any]:
           'vlm_flops': vlm, 'flops_ratio': flops / vlm}
 
 
-def cache_len(kept_tokens: int, text_len: int, new_tokens: int) -> int:
-  """Slots of the KV cache generation allocates: <bos> + k visual + T text + m new tokens."""
+def cache_len(kept_tokens: int, text_len: int, new_tokens: int, prefix_len: int = 1) -> int:
+  """Slots of the KV cache generation allocates: P prefix slots (1: <bos> alone) + k visual + T
+  text + m new tokens."""
   for name, value in (('kept_tokens', kept_tokens), ('text_len', text_len), ('new_tokens', new_tokens)):
     if isinstance(value, bool) or int(value) != value or value < 0:
       raise ValueError(f'{name}={value!r}: expected a non-negative int.')
-  return 1 + int(kept_tokens) + int(text_len) + int(new_tokens)
+  if isinstance(prefix_len, bool) or int(prefix_len) != prefix_len or prefix_len < 1:
+    raise ValueError(f'prefix_len={prefix_len!r}: expected a positive int (1: <bos> alone before the image).')
+  return int(prefix_len) + int(kept_tokens) + int(text_len) + int(new_tokens)
 
 
 def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
@@ -169,9 +175,7 @@ def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
     dtype_bytes = DTYPE_BYTES[dtype]
   if isinstance(dtype_bytes, bool) or int(dtype_bytes) != dtype_bytes or dtype_bytes < 1:
     raise ValueError(f'dtype_bytes={dtype_bytes!r}: expected a positive int (4 for float32, 2 for bfloat16).')
-  if isinstance(prefix_len, bool) or int(prefix_len) != prefix_len or prefix_len < 1:
-    raise ValueError(f'prefix_len={prefix_len!r}: expected a positive int (1: <bos> alone before the image).')
-  slots = cache_len(kept_tokens, text_len, new_tokens) - 1 + int(prefix_len)  # cache_len counts <bos> alone
+  slots = cache_len(kept_tokens, text_len, new_tokens, prefix_len)
   return depth * 2 * slots * kvh * hd * int(dtype_bytes)
 
 

@@ -4,12 +4,12 @@ prefill cost of an eval row (`row_flops`).
 An eval row's `prefill_flops` is the LM prefill on what is kept plus `selection_flops`:
 
   prefill_flops = lm_prefill_flops + selection_flops
-  lm_prefill_flops = lm_prefill_flops(k)                 pre-LM methods (and the references): every
+  lm_prefill_flops = costs.prefill_flops(k)             pre-LM methods (and the references): every
                                                          layer over P0 + k + T slots
                    = inlm.inlm_prefill_flops(method, k)  in-LM methods: every layer at the length it runs
 
-Both count the P0 prefix slots before the image (<bos> alone: P0 = 1, where `lm_prefill_flops` is
-`costs.prefill_flops`; a chat template's head: its length).
+Both count the P0 prefix slots before the image (<bos> alone: P0 = 1; a chat template's head: its
+length).
 
 The vision tower (and the projector) is shared by every row and counted in none of them: it is
 `costs.vision_flops` of the layers `VLM.encode_image` runs, reported once beside the rows.
@@ -50,7 +50,7 @@ import numbers
 
 from gripjax import pruning
 from gripjax.models import costs
-from gripjax.models.vlm import DEFAULT_PREFIX_LEN, SequenceLayout
+from gripjax.models.vlm import DEFAULT_PREFIX_LEN
 from gripjax.pruning import dart
 from gripjax.pruning import inlm
 from gripjax.pruning import sparsevlm
@@ -368,18 +368,6 @@ def selection_flops(config, method: str, k: int, text_len: int, prefix_len: int 
                    "'random', 'grip', 'oracle' or an in-LM or pre-LM method of gripjax.pruning.METHODS.")
 
 
-def lm_prefill_flops(config, k: int, text_len: int, vocab_size: int | None = None,
-                     prefix_len: int = DEFAULT_PREFIX_LEN) -> int:
-  """The LM prefill on `[prefix][kept][text]`, P0 + k + T slots: each of the `llm.depth` layers over
-  all of them (`costs.llm_layer_flops`) and the LM head on the last slot, as `costs.prefill_flops`
-  counts it (which is this with P0 = 1, <bos> alone)."""
-  length = SequenceLayout(_count('prefix_len', prefix_len), _count('k', k),
-                          _count('text_len', text_len)).length
-  llm = config.model.llm
-  head = 2 * llm.width * max(vocab_size or llm.vocab_size, 0)
-  return llm.depth * costs.llm_layer_flops(config, length) + head
-
-
 def row_flops(config, method: str, k: int, text_len: int, vocab_size: int | None = None,
               prefix_len: int = DEFAULT_PREFIX_LEN) -> dict[str, int]:
   """The FLOP columns of an eval row of `method` at k kept tokens, per example.
@@ -388,13 +376,13 @@ def row_flops(config, method: str, k: int, text_len: int, vocab_size: int | None
   template's head: its length); the LM runs on them, so the prefill counts them.
 
   Returns:
-    dict with lm_prefill_flops (the LM on what it runs: `lm_prefill_flops(k)`, or for in-LM methods
+    dict with lm_prefill_flops (the LM on what it runs: `costs.prefill_flops(k)`, or for in-LM methods
     `inlm.inlm_prefill_flops`, every layer at its length), selection_flops (`selection_flops`) and
     prefill_flops (their sum).
   """
   if pruning.is_in_lm(method):
     lm = inlm.inlm_prefill_flops(config, method, k, text_len, vocab_size, prefix_len=prefix_len)
   else:
-    lm = lm_prefill_flops(config, k, text_len, vocab_size, prefix_len)
+    lm = costs.prefill_flops(config, k, text_len, vocab_size, prefix_len)
   selection = selection_flops(config, method, k, text_len, prefix_len)
   return {'lm_prefill_flops': lm, 'selection_flops': selection, 'prefill_flops': lm + selection}
