@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gripjax import budget
+from gripjax.models import vlm as vlm_lib
 from gripjax.pruning import base
 from gripjax.pruning import grip
 from gripjax.rl import policy
@@ -71,7 +72,7 @@ def make_awareness_step(vlm, scorer, scorer_params, rho: float, k: int):
                             rng=jax.random.PRNGKey(0), grid=(int(np.sqrt(n)),) * 2)
     kept = prune(ctx, k)  # chosen with the other example's question
     valid = jnp.ones(kept.index.shape, bool)
-    prefix = {key: batch[key] for key in ('prefix_ids', 'prefix_valid') if key in batch}
+    prefix = vlm_lib.prefix_of(batch)
     logits = vlm.apply({'params': params}, kept.tokens, kept.index, valid, batch['question_ids'],
                        mask, position_mode, method='answer_logits', **prefix)  # its own question
     swap_correct = logits.argmax(-1) == batch['answer_id']  # (B,)

@@ -31,6 +31,7 @@ from gripjax.eval import awareness
 from gripjax.eval import report as report_lib
 from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
+from gripjax.models import vlm as vlm_lib
 from gripjax.models.vlm import DEFAULT_PREFIX_LEN
 from gripjax.pruning import base
 from gripjax.pruning import inlm
@@ -120,7 +121,7 @@ def make_eval_step(vlm, method: str, k: int, agent=None, rho: float | None = Non
     b = visual.shape[0]
     text = (batch['question_ids'], batch['question_valid'])
     # Text before the image (a chat template's head) when the batch carries it; else <bos> alone.
-    prefix = {key: batch[key] for key in ('prefix_ids', 'prefix_valid') if key in batch}
+    prefix = vlm_lib.prefix_of(batch)
     if method in ('full', 'shuffled'):
       if method == 'shuffled':  # every question sees the next example's image
         visual = jnp.roll(visual, 1, axis=0)

@@ -48,6 +48,13 @@ from gripjax.models.vit import ClipVisionTower, VitConfig, activation, fields_fr
 POSITION_MODES = ('keep', 'renumber')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 DEFAULT_PREFIX_LEN = 1  # The default prefix is <bos> alone.
+PREFIX_KEYS = ('prefix_ids', 'prefix_valid')  # A batch's text before the image, when it has any.
+
+
+def prefix_of(batch) -> dict:
+  """The batch's `prefix_ids` / `prefix_valid` (a chat template's head) as `answer_logits` /
+  `assemble` keywords; {} when it carries none (the default prefix, <bos> alone)."""
+  return {key: batch[key] for key in PREFIX_KEYS if key in batch}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ from gripjax.data import hf_data
 from gripjax.data import pipeline
 from gripjax.models import costs
 from gripjax.models import scorer as scorer_lib
+from gripjax.models import vlm as vlm_lib
 from gripjax.train import checkpoint as ckpt_lib
 from gripjax.train import sharding
 from gripjax.train import step as step_lib
@@ -46,7 +47,7 @@ from gripjax.train import validation
 
 # Batch keys the step reads (the prefix only when a chat template puts text before the image); the
 # others stay on the host.
-BATCH_KEYS = ('pixels', 'question_ids', 'question_valid', 'answer_id', 'prefix_ids', 'prefix_valid')
+BATCH_KEYS = ('pixels', 'question_ids', 'question_valid', 'answer_id') + vlm_lib.PREFIX_KEYS
 
 
 def state_tree(state: step_lib.TrainState) -> dict[str, Any]:

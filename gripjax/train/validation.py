@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gripjax import budget
+from gripjax.models import vlm as vlm_lib
 from gripjax.rl import policy
 from gripjax.rl import rewards as rewards_lib
 
@@ -43,14 +44,14 @@ def make_validator(vlm, scorer, config, batch: dict[str, Any]) -> Callable[[Any,
   reward_fn = rewards_lib.get(t.reward)
   label_free = t.reward in rewards_lib.LABEL_FREE
   position_mode = config.model.position_mode
-  keys = ('pixels', 'question_ids', 'question_valid', 'answer_id', 'prefix_ids', 'prefix_valid')
+  keys = ('pixels', 'question_ids', 'question_valid', 'answer_id') + vlm_lib.PREFIX_KEYS
   arrays = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
 
   @jax.jit
   def run(agent_params, vlm_params, arrays):  # The batch is an argument: as a closed-over constant
     variables = {'params': vlm_params}      # XLA would constant-fold the vision tower over it.
     ids, qvalid = arrays['question_ids'], arrays['question_valid'].astype(bool)
-    prefix = {k: arrays[k] for k in ('prefix_ids', 'prefix_valid') if k in arrays}
+    prefix = vlm_lib.prefix_of(arrays)
     visual, _ = vlm.apply(variables, arrays['pixels'], method='encode_image')  # (B, N, D)
     question = vlm.apply(variables, ids, method='embed_text')  # (B, T, D)
     b, n, _ = visual.shape
