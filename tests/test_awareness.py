@@ -1,4 +1,5 @@
-"""The agent's awareness columns (gripjax/eval/awareness.py): question swap and budget nesting.
+"""The agent's awareness columns (gripjax/eval/awareness.py): question swap, budget nesting and
+budget swap.
 
 A stub scorer with scores written out by hand stands in for the agent, so every expected keep-set
 and Jaccard value below is worked on paper; the tiny random VLM answers.
@@ -58,6 +59,15 @@ def _inputs(setup, q0):
   return vlm, params, enc, batch
 
 
+def _answers_correct(vlm, params, enc, batch, kept):
+  """(B,) whether the VLM, on the visual tokens at `kept` (B, k), answers each example's own question."""
+  kept = jnp.asarray(kept)
+  tokens = jnp.take_along_axis(enc['visual'], kept[..., None], axis=1)
+  logits = vlm.apply({'params': params}, tokens, kept, jnp.ones(kept.shape, bool), batch['question_ids'],
+                     batch['question_valid'], 'keep', method='answer_logits')
+  return logits.argmax(-1) == batch['answer_id']
+
+
 def test_nesting_and_swap_by_hand(setup):  # pylint: disable=redefined-outer-name
   vlm, params, enc, batch = _inputs(setup, [20, 30])
   rho = 1 / 9
@@ -76,11 +86,18 @@ def test_nesting_and_swap_by_hand(setup):  # pylint: disable=redefined-outer-nam
 
   # Question swap: example 0 chooses with example 1's question (token 30 instead of 20); the answer
   # is that of the VLM on the tokens {30, 0, 1, 2} with example 0's own question.
-  kept = jnp.asarray([[0, 1, 2, 30], [0, 1, 2, 20]])  # sorted source order, as gather_kept returns
-  tokens = jnp.take_along_axis(enc['visual'], kept[..., None], axis=1)
-  logits = vlm.apply({'params': params}, tokens, kept, jnp.ones(kept.shape, bool), batch['question_ids'],
-                     batch['question_valid'], 'keep', method='answer_logits')
-  np.testing.assert_array_equal(out['swap_correct'], logits.argmax(-1) == batch['answer_id'])
+  kept = [[0, 1, 2, 30], [0, 1, 2, 20]]  # sorted source order, as gather_kept returns
+  np.testing.assert_array_equal(out['swap_correct'], _answers_correct(vlm, params, enc, batch, kept))
+
+  # Budget swap: told rho = 1/2 (> 0.1) the agent ranks {q0, 3, 4, 0} first; k stays 4, and each
+  # example answers its own question on them.
+  assert awareness.BUDGET_SWAP_RHO == 0.5
+  np.testing.assert_array_equal(out['budget_swap_correct'],
+                                _answers_correct(vlm, params, enc, batch, [[0, 3, 4, 20], [0, 3, 4, 30]]))
+  # Told its own budget, the swap is the agent's own keep-set.
+  own = awareness.make_awareness_step(vlm, StubScorer(), {}, rho, 4, swap_rho=rho)
+  np.testing.assert_array_equal(own(params, enc, batch, perm, jnp.asarray(False))['budget_swap_correct'],
+                                _answers_correct(vlm, params, enc, batch, [[0, 1, 2, 20], [0, 1, 2, 30]]))
 
 
 def test_swap_with_equal_questions_equals_the_eval_step(setup):  # pylint: disable=redefined-outer-name
@@ -95,5 +112,7 @@ def test_swap_with_equal_questions_equals_the_eval_step(setup):  # pylint: disab
   correct, _, index = evaluate.make_eval_step(vlm, 'grip', k, (StubScorer(), {}), rho)(
       params, enc, batch, jax.random.PRNGKey(0), jnp.asarray(True))
   np.testing.assert_array_equal(out['swap_correct'], correct)
+  # Told 1/2 (> 0.1, as 1/4 is) the stub ranks the same: the budget swap changes nothing either.
+  np.testing.assert_array_equal(out['budget_swap_correct'], correct)
   # rho = 1/4 > 0.1, k = 9: token 7 (the question's), then 3 and 4, then 0, 1, 2, 5, 6, 8.
   np.testing.assert_array_equal(np.asarray(index), [list(range(9))] * 2)

@@ -62,8 +62,12 @@ def test_awareness_table_and_validation_curve(tmp_path):
   grip = dict(_row('grip', 8, 0.80, 1.0), question_swap_accuracy=0.65, budget_nesting=0.5)
   rows = [_row('full', 144, 0.90, 4.0), grip, _row('dart', 8, 0.7, 1.0)]
   table = report.awareness_table(rows)
-  assert table.splitlines()[2] == '| 0.0556 | 8 | keep | 80.0 | 65.0 | 15.0 | 0.500 |'
+  # A row written before the budget-swap column existed shows dashes there.
+  assert table.splitlines()[2] == '| 0.0556 | 8 | keep | 80.0 | 65.0 | 15.0 | 0.500 | - | - |'
   assert len(table.splitlines()) == 3  # only the grip row
+  told = dict(grip, budget_swap_accuracy=0.7, budget_swap_rho=0.5)
+  assert (report.awareness_table([told]).splitlines()[2] ==
+          '| 0.0556 | 8 | keep | 80.0 | 65.0 | 15.0 | 0.500 | 70.0 (told 0.5) | 10.0 |')
   assert report.awareness_table([_row('dart', 8, 0.7, 1.0)]) is None
   metrics = tmp_path / 'metrics.jsonl'
   log = [{'step': 0, 'phase': 0, 'val/reward': -3.0, 'val/accuracy': 0.5},

@@ -285,6 +285,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
         out = aware[step_of[job]](params, enc, arrays, perm, renumber)
         results[job].setdefault('swap', []).append(np.asarray(out['swap_correct'])[valid])
         results[job].setdefault('nesting', []).append(np.asarray(out['nesting'])[valid])
+        results[job].setdefault('budget_swap', []).append(np.asarray(out['budget_swap_correct'])[valid])
       bar.update(1)
   bar.close()
   # Per-row outcomes (and the timed batches: each host's first compiles), joined over hosts by `gather`.
@@ -297,6 +298,7 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     if step_of[job] in aware:  # The same jobs on every host, whether or not it has rows.
       out['swap'] = _rows_of(res.get('swap', []), bool)
       out['nesting'] = _rows_of(res.get('nesting', []), np.float32)
+      out['budget_swap'] = _rows_of(res.get('budget_swap', []), bool)
     outcomes['jobs'][job] = out
   if gather is not None:
     outcomes = gather(outcomes)
@@ -337,6 +339,8 @@ def evaluate(config, vlm, params, source, tokenizer, methods, budgets, position_
     if 'swap' in out:  # See gripjax/eval/awareness.py.
       rows[-1]['question_swap_accuracy'] = float(out['swap'].mean())
       rows[-1]['budget_nesting'] = float(out['nesting'].mean())
+      rows[-1]['budget_swap_accuracy'] = float(out['budget_swap'].mean())
+      rows[-1]['budget_swap_rho'] = awareness.BUDGET_SWAP_RHO
     if 'example_kept' in results[job]:
       # Examples 0, 1, ... of a split are a pure function of the data config: enough to redraw them.
       rows[-1]['examples'] = {

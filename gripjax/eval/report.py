@@ -344,13 +344,17 @@ def awareness_table(rows: list[dict[str, Any]]) -> str | None:
   aware = [r for r in rows if r.get('question_swap_accuracy') is not None]
   if not aware:
     return None
-  lines = ['| budget | kept | mode | accuracy % | with another question % | cost of the swap (points) '
-           '| budget nesting |', '|---|---|---|---|---|---|---|']
+  head = ['budget', 'kept', 'mode', 'accuracy %', 'with another question %', 'cost of the swap (points)',
+          'budget nesting', 'told another budget %', 'cost (points)']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in sorted(aware, key=lambda r: (r['position_mode'], -r['budget'])):
     swap = r['question_swap_accuracy']
+    told = r.get('budget_swap_accuracy')  # Absent from rows written before the column existed.
+    told_cells = ('- | -' if told is None else
+                  f"{_fmt(told)} (told {r['budget_swap_rho']:.3g}) | {_fmt(r['accuracy'] - told)}")
     lines.append(f"| {r['budget']:.3g} | {r['kept_tokens']} | {r['position_mode']} | "
                  f"{_fmt(r['accuracy'])} | {_fmt(swap)} | "
-                 f"{_fmt(r['accuracy'] - swap)} | {r['budget_nesting']:.3f} |")
+                 f"{_fmt(r['accuracy'] - swap)} | {r['budget_nesting']:.3f} | {told_cells} |")
   return '\n'.join(lines)
 
 
@@ -422,7 +426,9 @@ def write_report(results_path: str, out_dir: str, metrics_path: str | None = Non
               'Same examples as the table above. *With another question*: the keep-set is chosen with '
               'the next example\'s question and answered with the right one. *Budget nesting*: Jaccard of '
               'the top-k at rho and the top-k the agent ranks at 2 rho (1.0: the budget input changes '
-              'nothing in the first k).', '', aware, '']
+              'nothing in the first k). *Told another budget*: the keep-set is the top-k of the agent '
+              'told another budget (in brackets) instead of the row\'s, still k tokens (its cost is what '
+              'the budget input is worth).', '', aware, '']
   curve = read_validation_curve(metrics_path)
   if plot_validation_curve(curve, os.path.join(out_dir, 'validation_curve.png')):
     first_rl = next((r for r in curve if r.get('phase') == 1), None)
