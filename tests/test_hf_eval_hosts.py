@@ -85,6 +85,19 @@ def test_kv_cache_bytes_equal_the_cache_prefill_allocates_after_a_prefix():
   assert costs.kv_cache_bytes(config, k, t, m, prefix_len=p) == 28672
 
 
+def test_prefill_flops_use_the_checkpoints_head_dim():
+  """The fixture's LM: width 48, 4 query heads and 2 KV heads of Dh = 16 (not 48 / 4 = 12), MLP 96,
+  2 layers, vocabulary 201. Per token and layer: q and o project 48 -> 64 and 64 -> 48, k and v
+  48 -> 32 each; the scores and weighted values span the 64 query dims."""
+  config = config_lib.load_config_file(os.path.join(ROOT, 'configs', 'llava_hf.py'), FIXTURE)
+  assert costs.llm_head_dim(config) == 16
+  length = 5 + 8 + 40  # P = 5 prefix slots, k = 8 visual, T = 40 text
+  layer = 2 * length * 48 * (64 + 32 + 32 + 64) + 2 * length * 48 * 96 * 3 + 2 * 2 * length * length * 64
+  assert costs.prefill_flops(config, 8, 40, prefix_len=5) == 2 * layer + 2 * 48 * 201
+  # A ranking-only pass (q and k projections, the score matrix), as PyramidDrop's boundaries count it.
+  assert costs.attention_probs_flops(config, length) == 2 * length * 48 * (64 + 32) + 2 * length * length * 64
+
+
 def test_host_rows_and_join_by_hand():
   assert doctest.testmod(hf_eval).failed == 0
   # Hosts holding 3 and 2 usable rows: the first 4 of the whole dataset are host 0's 3 and host 1's first.

@@ -23,21 +23,28 @@ from gripjax.models import vit as vit_lib
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
 
 
-def _llm_dims(config, vocab_size: int | None = None):
+def llm_head_dim(config) -> int:
+  """Dh of the LM's attention heads: `model.llm.head_dim` where set (an HF checkpoint's may differ
+  from width // num_heads), else width // num_heads."""
   llm = config.model.llm
-  d, h, kvh, f = llm.width, llm.num_heads, llm.num_kv_heads, llm.mlp_dim
-  hd = d // h
+  return int(llm.get('head_dim') or llm.width // llm.num_heads)
+
+
+def _llm_dims(config, vocab_size: int | None = None):
+  """(D, H Dh (all query heads' width), KVH Dh, MLP width, vocab, depth) of the LM."""
+  llm = config.model.llm
+  hd = llm_head_dim(config)
   v = vocab_size or llm.vocab_size
-  return d, hd, kvh, f, v, llm.depth
+  return llm.width, llm.num_heads * hd, llm.num_kv_heads * hd, llm.mlp_dim, v, llm.depth
 
 
 def llm_layer_flops(config, length: int, context: int | None = None) -> int:
   """FLOPs of one decoder layer for `length` query tokens attending to `context` keys."""
-  d, hd, kvh, f, _, _ = _llm_dims(config)
+  d, qd, kvd, f, _, _ = _llm_dims(config)
   context = length if context is None else context
-  proj = 2 * length * d * (d + 2 * kvh * hd + d)  # q, k, v, o
+  proj = 2 * length * d * (qd + 2 * kvd + qd)  # q, k, v, o
   mlp = 2 * length * d * f * 3  # gate, up, down
-  attn = 2 * 2 * length * context * d  # scores and weighted values, all heads
+  attn = 2 * 2 * length * context * qd  # scores and weighted values, all heads
   return proj + mlp + attn
 
 
@@ -46,10 +53,10 @@ def attention_probs_flops(config, length: int) -> int:
   projections and the (length, length) score matrix of all heads. What a pass run only to read the
   attention costs (its values, output projection and MLP feed nothing, so XLA drops them); the same
   terms as `llm_layer_flops`."""
-  d, hd, kvh, _, _, _ = _llm_dims(config)
+  d, qd, kvd, _, _, _ = _llm_dims(config)
   if isinstance(length, bool) or int(length) != length or length < 0:
     raise ValueError(f'length={length!r}: expected a non-negative int.')
-  return 2 * length * d * (d + kvh * hd) + 2 * length * length * d
+  return 2 * length * d * (qd + kvd) + 2 * length * length * qd
 
 
 def prefill_flops(config, kept_tokens: int, text_len: int, vocab_size: int | None = None,
@@ -166,8 +173,7 @@ def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
     prefix_len: P, the slots before the image (1: <bos> alone; a chat template's head, e.g. LLaVA-1.5's
       `<s> USER: `: its length).
   """
-  _, hd, kvh, _, _, depth = _llm_dims(config)
-  hd = config.model.llm.get('head_dim') or hd  # An HF head_dim may differ from width // num_heads.
+  _, _, kvd, _, _, depth = _llm_dims(config)
   if dtype_bytes is None:
     dtype = config.model.dtype
     if dtype not in DTYPE_BYTES:
@@ -176,7 +182,7 @@ def kv_cache_bytes(config, kept_tokens: int, text_len: int, new_tokens: int = 0,
   if isinstance(dtype_bytes, bool) or int(dtype_bytes) != dtype_bytes or dtype_bytes < 1:
     raise ValueError(f'dtype_bytes={dtype_bytes!r}: expected a positive int (4 for float32, 2 for bfloat16).')
   slots = cache_len(kept_tokens, text_len, new_tokens, prefix_len)
-  return depth * 2 * slots * kvh * hd * int(dtype_bytes)
+  return depth * 2 * slots * kvd * int(dtype_bytes)
 
 
 def decode_token_flops(config, kept_tokens: int, text_len: int, new_tokens: int,

@@ -362,7 +362,7 @@ def selection_flops(config, method: str, k: int, text_len: int, prefix_len: int 
     return sparsevlm_flops(llm.num_heads, n, k, text_len, d, sparsevlm.num_recycled(n, k),
                            sparsevlm_pool(n, k), prefix_len)
   if method == 'dart':
-    kv_dim = llm.num_kv_heads * (d // llm.num_heads)
+    kv_dim = llm.num_kv_heads * costs.llm_head_dim(config)
     return dart_flops(n, k, text_len, d, kv_dim, prefix_len=prefix_len)
   raise ValueError(f'selection_flops: unknown method {method!r}; expected one of {FREE_METHODS}, '
                    "'random', 'grip', 'oracle' or an in-LM or pre-LM method of gripjax.pruning.METHODS.")
