@@ -1,4 +1,4 @@
-"""Shared test helpers: config loading and tiny configs."""
+"""Shared test helpers: config loading, tiny configs and the environment of a test's subprocess."""
 
 import os
 
@@ -31,3 +31,26 @@ def cost_lm_layer(length):
   """FLOPs of one decoder layer of `cost_config` over `length` slots: q, o (16 x 16) and k, v
   (16 x 8): 48 columns; SwiGLU 3 x (16 x 32); scores and weighted values 2 * 2 * L * L * 16."""
   return 2 * length * 16 * 48 + 2 * length * 16 * 32 * 3 + 2 * 2 * length * length * 16
+
+
+# XLA options of every test's subprocess: the smoke programs are tiny, so compiling them fast (no
+# backend optimization, no expensive LLVM passes) saves most of their run time and changes no test.
+FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+# Set by tests/conftest.py: the compilation cache this pytest process's subprocesses share.
+CACHE_ENV = 'GRIPJAX_TEST_COMPILATION_CACHE'
+
+
+def subprocess_env(devices: int | None = None, **extra) -> dict:
+  """Environment of a `python -m gripjax.main` (or `-c`) subprocess of a test: the CPU platform,
+  FAST_XLA (with `devices` simulated host devices where given) and JAX's persistent compilation cache
+  in the directory tests/conftest.py made for this pytest process, so the programs several
+  subprocesses compile alike (the smoke VLM's init, eval and train steps) compile once. `extra`
+  variables are added last."""
+  flags = FAST_XLA if devices is None else f'--xla_force_host_platform_device_count={devices} {FAST_XLA}'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
+  if os.environ.get(CACHE_ENV):
+    env.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(extra)
+  return env

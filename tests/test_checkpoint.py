@@ -31,7 +31,6 @@ from tests import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, D, T = 16, 32, 6  # Visual tokens, VLM width and question slots of the agent's inputs.
 # Compile options for the subprocesses: unoptimized CPU code compiles ~3x faster.
-FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
 def agent_config(mesh_spec=(('data', -1), ('fsdp', 1))):
@@ -102,10 +101,8 @@ def restore_main():
 
 
 def _python(code, *args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_XLA}',
-             JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=300)
+  r = subprocess.run([sys.executable, '-c', code, *args], cwd=ROOT, env=helpers.subprocess_env(devices),
+                     capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-4000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -211,7 +208,7 @@ def _train_cmd(workdir, data_dir):
 
 
 def _env(cache):
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_XLA, JAX_COMPILATION_CACHE_DIR=cache,
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=helpers.FAST_XLA, JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 

@@ -84,7 +84,7 @@ def bundle_dir(model, tmp_path_factory):
          '--mode=export', f'--workdir={work}', f'--config.vlm_checkpoint={root / "vlm"}',
          f'--config.agent.checkpoint={root / "agent"}']
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                     env=helpers.subprocess_env())
   assert r.returncode == 0, r.stderr[-4000:]
   assert r.stdout.strip().splitlines()[-1] == str(work / 'bundle')
   # The terminal shows the project's own lines; Orbax's INFO detail only at --verbosity=1.
@@ -112,7 +112,7 @@ def test_orbax_info_logs_at_verbosity_1(model, tmp_path):
          '--mode=export', f'--workdir={tmp_path}', f'--config.vlm_checkpoint={root / "vlm"}',
          f'--config.agent.checkpoint={root / "agent"}', '--verbosity=1']
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                     env=helpers.subprocess_env())
   assert r.returncode == 0, r.stderr[-4000:]
   assert len(library_info_lines(r.stderr)) > 10
 

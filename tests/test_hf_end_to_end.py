@@ -30,6 +30,7 @@ from gripjax.data import hf_data
 from gripjax.data import user_data
 from gripjax.eval import hf_eval
 from gripjax.models import costs
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'hf_llava_tiny')
@@ -85,9 +86,8 @@ def write_jsonl(tmp_path, answers=True, rows=None):
   return str(path)
 
 
-# Unoptimized CPU code compiles several times faster; the flag must be set before JAX starts, so the
-# runs that compile a train step or the evaluation's many functions are subprocesses of gripjax.main.
-FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+# The runs that compile a train step or the evaluation's many functions are subprocesses of
+# gripjax.main, with helpers.FAST_XLA (it must be set before JAX starts).
 COMMON = [f'--config=configs/llava_hf.py:{FIXTURE}', '--config.hf.text_len=40',
           '--config.hf.max_new_tokens=1', '--config.eval.batch_size=4', '--config.eval.budgets=(0.5,)',
           "--config.eval.position_modes=('keep',)", "--config.eval.methods=('full','blind','random','fastv')",
@@ -97,7 +97,7 @@ COMMON = [f'--config=configs/llava_hf.py:{FIXTURE}', '--config.hf.text_len=40',
 
 def main(mode, workdir, *flags):
   """Runs `python -m gripjax.main --mode=MODE` on the fixture; returns the CompletedProcess."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_XLA)
+  env = helpers.subprocess_env()
   return subprocess.run([sys.executable, '-m', 'gripjax.main', f'--mode={mode}', f'--workdir={workdir}', *COMMON,
                          *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 

@@ -40,7 +40,6 @@ from tests import helpers
 
 ROOT = helpers.ROOT
 FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'hf_llava_tiny')
-FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 # Deterministic methods: two generate (full, fastervlm), two do not (blind, in-LM fastv).
 METHODS = "('full','blind','fastervlm','fastv')"
 ARGS = ['--mode=eval', f'--config=configs/llava_hf.py:{FIXTURE}', '--config.hf.text_len=40',
@@ -174,7 +173,7 @@ def _write_jsonl(tmp_path, rows=ROWS):
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count=1 {FAST_XLA}')
+  return helpers.subprocess_env(devices=1)
 
 
 def _outputs(workdir):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/gripbench_tiny.py:smoke'
 
@@ -16,8 +18,8 @@ def _main(workdir, mode, *overrides, data_dir=None, check=True):
          f'--workdir={workdir}', *overrides]
   if data_dir:
     cmd.append(f'--config.data.data_dir={data_dir}')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     env=helpers.subprocess_env())
   if check:
     assert r.returncode == 0, f'{mode} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}'
   return r

@@ -24,7 +24,6 @@ from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Unoptimized CPU code compiles ~3x faster (as in tests/test_checkpoint.py).
-FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 STEPS = 3
 LR = 1e-3
 ARGS = ('--config=configs/gripbench_tiny.py:smoke', '--mode=train_agent',
@@ -56,8 +55,7 @@ def data_dir(tmp_path_factory):
 
 
 def _env(devices):
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_XLA}')
+  return helpers.subprocess_env(devices=devices)
 
 
 def _metrics(workdir):

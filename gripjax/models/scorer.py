@@ -172,7 +172,7 @@ def init_scorer(scorer: BudgetAwareScorer, rng, n_tokens: int, d_model: int, tex
   visual = jnp.zeros((1, n_tokens, d_model), jnp.float32)
   question = jnp.zeros((1, text_len, d_model), jnp.float32)
   mask = jnp.ones((1, text_len), bool)
-  return scorer.init(rng, visual, question, mask, jnp.full((1,), 0.5))['params']
+  return jax.jit(scorer.init)(rng, visual, question, mask, jnp.full((1,), 0.5))['params']  # one compile
 
 
 def scorer_param_count(config, n_tokens: int | None = None, text_len: int = 4) -> int:

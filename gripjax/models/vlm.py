@@ -447,13 +447,14 @@ def init_params(model: VLM, rng, batch_size: int = 1, text_len: int = 4):
   """Random float32 variables `{'params': ...}` ready for `model.apply`.
 
   Works under `jax.eval_shape(functools.partial(init_params, model), rng)` for shapes without
-  allocating (e.g. the 7B config).
+  allocating (e.g. the 7B config). Compiled as one program: run op by op, the initializers of every
+  layer would each compile on their own.
   """
   c = ModelConfig.from_config(model.config)
   s = c.vit.image_size
   pixels = jnp.zeros((batch_size, s, s, 3), jnp.float32)
   ids = jnp.zeros((batch_size, text_len), jnp.int32)
-  return model.init(rng, pixels, ids)
+  return jax.jit(model.init)(rng, pixels, ids)
 
 
 def count_params(tree) -> int:

@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       config.model.vit.image_size // config.model.vit.patch_size)
   n = runtime.num_visual_tokens(config)
   dv = config.model.vit.width
-  head_params = heads.init(head_rng, jnp.zeros((1, n, dv)), jnp.zeros((1, dv)))['params']
+  head_params = jax.jit(heads.init)(head_rng, jnp.zeros((1, n, dv)), jnp.zeros((1, dv)))['params']
 
   total_steps = pc.vision_steps + pc.lm_steps * pc.lm_cycles
   vision_tx = optax.adamw(_schedule(pc.vision_lr, pc.vision_steps, pc.warmup_steps),
@@ -114,12 +114,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   lm_tx = optax.adamw(lm_schedule, weight_decay=pc.weight_decay)
   vision_opt = vision_tx.init({'vit': params['vision'], 'heads': head_params})
   probe = EarlyAnswerProbe(runtime.vocab_size(config, tok))
-  probe_params = probe.init(jax.random.fold_in(head_rng, 1),
-                            jnp.zeros((1, 1, config.model.llm.width)))['params']
+  probe_params = jax.jit(probe.init)(jax.random.fold_in(head_rng, 1),
+                                     jnp.zeros((1, 1, config.model.llm.width)))['params']
   spatial = SpatialProbe()
-  spatial_params = spatial.init(jax.random.fold_in(head_rng, 2),
-                                jnp.zeros((1, n, config.model.llm.width)),
-                                jnp.zeros((1, config.model.llm.width)))['params']
+  spatial_params = jax.jit(spatial.init)(jax.random.fold_in(head_rng, 2),
+                                         jnp.zeros((1, n, config.model.llm.width)),
+                                         jnp.zeros((1, config.model.llm.width)))['params']
   probe_params = {'answer': probe_params, 'spatial': spatial_params}
   lm_trainable = {'vlm': {k: v for k, v in params.items() if k != 'vision'}, 'probe': probe_params}
   lm_opt = lm_tx.init(lm_trainable)
