@@ -1,7 +1,14 @@
-"""The ablations' shared warm-up: a variant started from the warm-up's checkpoint equals one from step 0."""
+"""The ablations' shared warm-up: a variant started from the warm-up's checkpoint equals one from step 0.
+
+The runs are `--mode=train_agent` subprocesses on the smoke config (random frozen VLM: the
+equivalence does not need a trained one), so they compile with the tests' fast XLA options and the
+two runs of one schedule share their compiled step through the tests' compilation cache.
+"""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,17 +16,20 @@ import pytest
 
 from gripjax.eval import ablations
 from gripjax.train import checkpoint as ckpt_lib
-from gripjax.train import trainer
 from tests import helpers
 
 
-def _config(data_dir, steps, warmup_steps, algorithm='grpo'):
-  c = helpers.load_config('gripbench_tiny', 'smoke')
-  c.vlm_checkpoint = None  # random frozen VLM: the equivalence does not need a trained one
-  c.data.data_dir = data_dir
-  c.train.update(steps=steps, warmup_steps=warmup_steps, algorithm=algorithm, val_examples=0,
-                 checkpoint_every=2, log_every=1, second_lr=3e-4)
-  return c
+def _train(workdir, data_dir, steps, warmup_steps, algorithm='grpo'):
+  """Trains the smoke agent in `workdir` (resuming from its checkpoints, as ablations.run does)."""
+  cmd = [sys.executable, '-m', 'gripjax.main', '--config=configs/gripbench_tiny.py:smoke',
+         '--mode=train_agent', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         f'--config.train.steps={steps}', f'--config.train.warmup_steps={warmup_steps}',
+         f'--config.train.algorithm={algorithm}', '--config.train.val_examples=0',
+         '--config.train.checkpoint_every=2', '--config.train.log_every=1', '--config.train.second_lr=3e-4']
+  r = subprocess.run(cmd, cwd=helpers.ROOT, env=helpers.subprocess_env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, f'train_agent failed:\n{r.stderr[-6000:]}'
+  return os.path.join(workdir, 'agent')
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +37,7 @@ def warmup_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('abl')
   data_dir = str(root / 'tfds')
   warm = str(root / 'warmup_only')
-  trainer.run(_config(data_dir, 2, 2), warm)
+  _train(warm, data_dir, 2, 2)
   return data_dir, warm, root
 
 
@@ -37,10 +47,9 @@ def test_run_from_the_shared_warmup_equals_a_run_from_step_zero(warmup_run):
   shared = str(root / f'shared_{algorithm}')
   assert ablations.start_from_warmup(shared, warm, 2)
   assert os.listdir(os.path.join(shared, 'checkpoints')) == ['2']
-  got = trainer.run(_config(data_dir, 4, 2, algorithm), shared)
-  scratch = str(root / f'scratch_{algorithm}')
-  want = trainer.run(_config(data_dir, 4, 2, algorithm), scratch)
-  a, b = ckpt_lib.load_params(got['params_path']), ckpt_lib.load_params(want['params_path'])
+  got = _train(shared, data_dir, 4, 2, algorithm)
+  want = _train(str(root / f'scratch_{algorithm}'), data_dir, 4, 2, algorithm)
+  a, b = ckpt_lib.load_params(got), ckpt_lib.load_params(want)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   warm_params = ckpt_lib.load_params(os.path.join(warm, 'agent'))
