@@ -19,6 +19,7 @@ import pytest
 
 from gripjax.models import costs
 from gripjax.models import vlm as vlm_lib
+from tests import helpers
 from tests.helpers import load_config
 from tests.helpers import ROOT
 
@@ -140,7 +141,7 @@ def test_prefill_benchmark_reports_the_agent_against_pruned_and_full_prefill(tmp
   run = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'prefill.py'),
                         '--config=configs/gripbench_tiny.py:smoke', '--batch=1', '--repeats=1',
                         '--budgets=0.25', f'--json={out}'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=helpers.subprocess_env())
   assert run.returncode == 0, run.stderr[-2000:]
   assert 'agent / pruned' in run.stdout and 'agent / full' in run.stdout
   result = json.loads(out.read_text())
