@@ -68,6 +68,8 @@ def test_awareness_table_and_validation_curve(tmp_path):
   told = dict(grip, budget_swap_accuracy=0.7, budget_swap_rho=0.5)
   assert (report.awareness_table([told]).splitlines()[2] ==
           '| 0.0556 | 8 | keep | 80.0 | 65.0 | 15.0 | 0.500 | 70.0 (told 0.5) | 10.0 |')
+  told = dict(grip, budget_swap_accuracy=0.8000001, budget_swap_rho=0.5)  # a cost of -1e-7
+  assert report.awareness_table([told]).splitlines()[2].endswith('| 80.0 (told 0.5) | 0.0 |')
   assert report.awareness_table([_row('dart', 8, 0.7, 1.0)]) is None
   metrics = tmp_path / 'metrics.jsonl'
   log = [{'step': 0, 'phase': 0, 'val/reward': -3.0, 'val/accuracy': 0.5},

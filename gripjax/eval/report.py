@@ -16,7 +16,8 @@ _AGENT_COLOR = '#d62728'  # tab20's strong red, kept out of the other methods' p
 
 
 def _fmt(x, digits=1):
-  return '-' if x is None else f'{100 * x:.{digits}f}'
+  """x as a percentage; a difference that rounds to zero prints 0.0, never -0.0."""
+  return '-' if x is None else f'{round(100 * x, digits) + 0.0:.{digits}f}'
 
 
 def _gflops(x):
