@@ -1,4 +1,5 @@
-"""Rollouts per second of the agent's GRPO train step for several group sizes G, side by side.
+"""Rollouts per second of the agent's GRPO train step for several group sizes G, side by side, and
+the same step of the continuous relaxations (--algorithms).
 
   python benchmarks/train_step.py                                  # tiny config, shipped VLM
   python benchmarks/train_step.py --batch=4 --repeats=5 --json=/tmp/train_step.json
@@ -18,6 +19,16 @@ extra rollouts cost what their arithmetic does.
 
 G = 1 has no group baseline (every advantage is 0), so the start-up check (`step.check`) rejects it
 for training; it is timed here anyway, as the unit of cost, with the config checked at its own G.
+
+--algorithms=grpo,relaxation,gumbel_sigmoid,perturbed_topk times each second phase at every G, all
+interleaved in one loop: a relaxation's step runs its S = G masks through the frozen VLM over all N
+visual slots and backpropagates through it, where GRPO's rollouts span the k_max gathered slots and
+need no VLM gradient, so `time x` (against the first algorithm's first G) is the ratio of training
+time at equal VLM forwards per example. The analytic FLOP columns are GRPO's and stay empty for the
+relaxations.
+
+  python benchmarks/train_step.py --config=configs/gripbench_dense.py --groups=8 --batch=4 \
+      --algorithms=grpo,relaxation,gumbel_sigmoid,perturbed_topk --repeats=5
 """
 
 from __future__ import annotations
@@ -48,9 +59,10 @@ from tests import helpers
 SCORER_PASSES = 5
 
 
-def step_config(config, group: int, batch: int):
+def step_config(config, group: int, batch: int, algorithm: str = 'grpo'):
   c = config.copy_and_resolve_references()
-  c.train.update(group_size=group, batch_size=batch, warmup_steps=0, steps=max(c.train.steps, 1000))
+  c.train.update(group_size=group, batch_size=batch, warmup_steps=0, steps=max(c.train.steps, 1000),
+                 algorithm=algorithm)
   return c
 
 
@@ -76,6 +88,8 @@ def main():
   parser.add_argument('--groups', default='1,4,8,16', help='group sizes G, the first is the unit')
   parser.add_argument('--batch', type=int, default=4, help='examples per step (B)')
   parser.add_argument('--repeats', type=int, default=10, help='timed steps per G (median kept)')
+  parser.add_argument('--algorithms', default='grpo',
+                      help=f'second phases to time, from {tuple(step_lib.SECOND_PHASES)}; the first is the unit')
   parser.add_argument('--random_weights', action='store_true',
                       help='random VLM weights, not config.vlm_checkpoint')
   parser.add_argument('--json', default=None, help='write the figures here')
@@ -87,6 +101,10 @@ def main():
   groups = [int(g) for g in args.groups.split(',')]
   if not groups or min(groups) < 1:
     raise SystemExit(f'--groups={args.groups!r}: expected positive ints, e.g. 1,4,8,16.')
+  algorithms = args.algorithms.split(',')
+  unknown = [a for a in algorithms if a not in step_lib.SECOND_PHASES]
+  if unknown or not algorithms:
+    raise SystemExit(f'--algorithms={args.algorithms!r}: expected names from {tuple(step_lib.SECOND_PHASES)}.')
   tok = runtime.tokenizer()
   vlm = runtime.make_model(config, tok)
   mc = vlm_lib.ModelConfig.from_config(vlm.config)
@@ -108,58 +126,65 @@ def main():
 
   t0 = time.perf_counter()
   runs = {}
-  for g in groups:
-    c = step_config(config, g, b)
+  keys = [(a, g) for a in algorithms for g in groups]
+  for a, g in keys:
+    c = step_config(config, g, b, a)
     tx, train_step = build_step(vlm, scorer, c)
     init = step_lib.make_init(scorer, tx, c, n, mc.llm.width, t)
     state = jax.jit(init)(jax.random.PRNGKey(1))
     compiled = train_step.lower(state, batch, vlm_params).compile()
     state, metrics = compiled(state, batch, vlm_params)  # warm-up run (excluded)
     jax.block_until_ready((state, metrics))
-    assert float(metrics['phase']) == 1.0, 'expected the GRPO phase'
-    runs[g] = [compiled, state]
+    assert float(metrics['phase']) == 1.0, f'expected the second phase ({a})'
+    runs[a, g] = [compiled, state]
   compile_s = time.perf_counter() - t0
 
-  times = {g: [] for g in groups}
+  times = {key: [] for key in keys}
   for _ in range(args.repeats):
-    for g in groups:  # interleaved so drift hits every G alike
-      compiled, state = runs[g]
+    for key in keys:  # interleaved so drift hits every algorithm and G alike
+      compiled, state = runs[key]
       t1 = time.perf_counter()
       state, metrics = compiled(state, batch, vlm_params)  # state is donated
       jax.block_until_ready((state, metrics))
-      times[g].append(time.perf_counter() - t1)
-      runs[g][1] = state
+      times[key].append(time.perf_counter() - t1)
+      runs[key][1] = state
 
-  unit = groups[0]
+  unit = keys[0]
   base_s = float(np.median(times[unit]))
-  base_flops = step_flops(config, b, unit, k_max, t, vocab)['total']
+  base_flops = step_flops(config, b, unit[1], k_max, t, vocab)['total']
   device = device_description()
   print(f'config={name} device={device}')
   print(f'weights={weights} batch={b} N={n} k_max={k_max} text_len={t} dtype={mc.dtype} '
         f'repeats={args.repeats} compile/warm-up {compile_s:.1f}s excluded')
-  print(f'{"G":>3} {"rollouts":>8} {"ms/step":>9} {"min ms":>8} {"rollouts/s":>11} '
+  print(f'{"algorithm":>15} {"G":>3} {"rollouts":>8} {"ms/step":>9} {"min ms":>8} {"rollouts/s":>11} '
         f'{"time x":>7} {"FLOP x":>7} {"measured/FLOP":>13} {"rollout FLOP %":>14} {"GFLOP/s":>8}')
   rows = []
-  for g in groups:
-    med, low = float(np.median(times[g])), float(np.min(times[g]))
-    fl = step_flops(config, b, g, k_max, t, vocab)
-    time_x, flop_x = med / base_s, fl['total'] / base_flops
-    rows.append({'group_size': g, 'rollouts_per_step': b * g, 'seconds': med, 'seconds_min': low,
-                 'seconds_all': times[g], 'rollouts_per_second': b * g / med,
-                 'time_ratio': time_x, 'flop_ratio': flop_x, 'measured_over_flop': time_x / flop_x,
-                 'flops': fl, 'gflops_per_second': fl['total'] / med / 1e9})
-    print(f'{g:3d} {b * g:8d} {1e3 * med:9.1f} {1e3 * low:8.1f} {b * g / med:11.1f} {time_x:7.2f} '
-          f'{flop_x:7.2f} {time_x / flop_x:13.2f} {100 * fl["rollouts"] / fl["total"]:13.1f}% '
-          f'{fl["total"] / med / 1e9:8.2f}')
+  for a, g in keys:
+    med, low = float(np.median(times[a, g])), float(np.min(times[a, g]))
+    row = {'algorithm': a, 'group_size': g, 'rollouts_per_step': b * g, 'seconds': med,
+           'seconds_min': low, 'seconds_all': times[a, g], 'rollouts_per_second': b * g / med,
+           'time_ratio': med / base_s}
+    line = (f'{a:>15} {g:3d} {b * g:8d} {1e3 * med:9.1f} {1e3 * low:8.1f} {b * g / med:11.1f} '
+            f'{med / base_s:7.2f}')
+    if a == 'grpo' and unit[0] == 'grpo':  # The analytic FLOPs are the GRPO step's.
+      fl = step_flops(config, b, g, k_max, t, vocab)
+      flop_x = fl['total'] / base_flops
+      row.update(flop_ratio=flop_x, measured_over_flop=med / base_s / flop_x, flops=fl,
+                 gflops_per_second=fl['total'] / med / 1e9)
+      line += (f' {flop_x:7.2f} {med / base_s / flop_x:13.2f} {100 * fl["rollouts"] / fl["total"]:13.1f}% '
+               f'{fl["total"] / med / 1e9:8.2f}')
+    rows.append(row)
+    print(line)
   one = step_flops(config, 1, 1, k_max, t, vocab)
   print(f'FLOPs per example: vision {one["vision"]:.3g}, scorer x{SCORER_PASSES} {one["scorer"]:.3g}; '
         f'per rollout (prefill of 1 + {k_max} + {t} slots): {one["rollouts"]:.3g}. time x and FLOP x '
-        f'are relative to G={unit}.')
+        f'are relative to {unit[0]} at G={unit[1]}.')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'benchmark': 'train_step', 'config': name, 'device': device, 'weights': weights,
                  'batch': b, 'num_tokens': n, 'k_max': k_max, 'text_len': t, 'dtype': mc.dtype,
-                 'repeats': args.repeats, 'compile_seconds': compile_s, 'unit_group_size': unit,
+                 'repeats': args.repeats, 'compile_seconds': compile_s, 'unit_algorithm': unit[0],
+                 'unit_group_size': unit[1],
                  'flops_per_example': one, 'command': ' '.join(sys.argv), 'rows': rows}, f, indent=1)
 
 
