@@ -20,7 +20,7 @@ input and seeing what changes, on the same examples as the row's accuracy:
                           here; one that spends a small budget differently from a large one does.
                           At rho = swap_rho the column equals the row's accuracy.
 
-Neither is timed: they run after the row's timed step, on the same encodings.
+None is timed: they run after the row's timed step, on the same encodings.
 
   step = make_awareness_step(vlm, scorer, scorer_params, rho, k)
   out = step(params, enc, batch, perm, position_mode)
