@@ -40,17 +40,16 @@ FAST_XLA = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pass
 CACHE_ENV = 'GRIPJAX_TEST_COMPILATION_CACHE'
 
 
-def subprocess_env(devices: int | None = None, **extra) -> dict:
+def subprocess_env(devices: int | None = None, cache_dir: str | None = None) -> dict:
   """Environment of a `python -m gripjax.main` (or `-c`) subprocess of a test: the CPU platform,
   FAST_XLA (with `devices` simulated host devices where given) and JAX's persistent compilation cache
-  in the directory tests/conftest.py made for this pytest process, so the programs several
-  subprocesses compile alike (the smoke VLM's init, eval and train steps) compile once. `extra`
-  variables are added last."""
+  in `cache_dir`, by default the directory tests/conftest.py made for this pytest process, so the
+  programs several subprocesses compile alike (the smoke VLM's init, eval and train steps) compile
+  once."""
   flags = FAST_XLA if devices is None else f'--xla_force_host_platform_device_count={devices} {FAST_XLA}'
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
-  if os.environ.get(CACHE_ENV):
-    env.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  cache_dir = cache_dir or os.environ.get(CACHE_ENV)
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  env.update(extra)
   return env
